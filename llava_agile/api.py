@@ -1,0 +1,149 @@
+"""Public entry points: `select_tokens`, `prune` (input checks, batching, stats)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import backend
+from .config import check_keep, check_method, check_params
+from .methods import MERGING
+
+
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} contains NaN or Inf; check the vision tower's output "
+                         f"(fp16 overflow?) before pruning")
+
+
+def check_features(features, name: str = "features") -> torch.Tensor:
+    """`[N, D]` or `[B, N, D]` float tensor -> `[B, N, D]`."""
+    if not isinstance(features, torch.Tensor) or not features.is_floating_point():
+        raise ValueError(f"{name} must be a float tensor [N, D] or [B, N, D], got "
+                         f"{type(features).__name__}{'' if not isinstance(features, torch.Tensor) else ' of ' + str(features.dtype)}")
+    if features.dim() not in (2, 3):
+        raise ValueError(f"{name} must be 2-D [N, D] or 3-D [B, N, D], got shape "
+                         f"{tuple(features.shape)}")
+    feats = features if features.dim() == 3 else features.unsqueeze(0)
+    if feats.shape[1] == 0:
+        raise ValueError(f"{name} has no tokens (N == 0); there is nothing to prune")
+    if feats.shape[2] == 0:
+        raise ValueError(f"{name} has zero feature dimensions (D == 0)")
+    _check_finite(name, feats)
+    return feats
+
+
+def check_attention(cls_attn) -> torch.Tensor:
+    """`[N]` or `[B, N]` non-negative float tensor -> `[B, N]`."""
+    if not isinstance(cls_attn, torch.Tensor) or not cls_attn.is_floating_point():
+        raise ValueError("cls_attn must be a float tensor [N] or [B, N] (the [CLS] attention row)")
+    if cls_attn.dim() not in (1, 2):
+        raise ValueError(f"cls_attn must be 1-D [N] or 2-D [B, N], got shape {tuple(cls_attn.shape)}")
+    attn = cls_attn if cls_attn.dim() == 2 else cls_attn.unsqueeze(0)
+    if attn.shape[1] == 0:
+        raise ValueError("cls_attn has no tokens (N == 0); there is nothing to prune")
+    _check_finite("cls_attn", attn)
+    if (attn < 0).any():
+        raise ValueError("cls_attn must be non-negative (softmax attention weights); "
+                         "got negative values")
+    return attn
+
+
+def _check_inputs(features, cls_attn, keep, method, params):
+    check_method(method)
+    keep = check_keep(keep)
+    params = check_params(method, params)
+    feats, attn = check_features(features), check_attention(cls_attn)
+    if features.dim() - 1 != cls_attn.dim() or feats.shape[:2] != attn.shape:
+        want = "[N]" if features.dim() == 2 else "[B, N]"
+        raise ValueError(f"cls_attn shape {tuple(cls_attn.shape)} does not match features shape "
+                         f"{tuple(features.shape)}: expected {want} = {tuple(feats.shape[:2]) if features.dim() == 3 else (feats.shape[1],)}")
+    sim = params.get("similarity_features")
+    if sim is not None:
+        sim3 = check_features(sim, "similarity_features")
+        if sim.dim() != features.dim() or sim3.shape[:2] != feats.shape[:2]:
+            raise ValueError(f"similarity_features shape {tuple(sim.shape)} must match features "
+                             f"{tuple(features.shape)} in every dimension but the last")
+    return feats, attn, keep, params
+
+
+def _run(feats, attn, keep, method, params):
+    """Per image: (selected indices or merged features, method stats)."""
+    impl = backend.implementation(method, feats.device)
+    sim = params.pop("similarity_features", None)
+    n = feats.shape[1]
+    out = []
+    for b in range(feats.shape[0]):
+        if keep >= n and not params.get("adaptive_count"):
+            out.append((torch.arange(n, device=feats.device), {}))
+            continue
+        extra = {} if sim is None else {"similarity_features": (sim if sim.dim() == 3 else sim[None])[b]}
+        res, stats = impl(feats[b], attn[b], keep, **params, **extra)
+        if method not in MERGING:
+            res = torch.sort(res.to(torch.long)).values
+        out.append((res, stats))
+    return out
+
+
+def select_tokens(features: torch.Tensor, cls_attn: torch.Tensor, keep: int,
+                  method: str = "adaptive", **params):
+    """Indices of the tokens to keep, ascending: `[K]`, `[B, K]`, or a list (adaptive_count=True).
+
+    `features` are the visual tokens `[N, D]` / `[B, N, D]`; `cls_attn` the [CLS] attention over
+    them `[N]` / `[B, N]`; `K = min(keep, N)`. Methods and parameters: see `METHODS` and README.
+    """
+    if method in MERGING:
+        raise ValueError(f"method {method!r} merges tokens, so it has no indices to return; "
+                         f"use llava_agile.prune(...) and read .features")
+    feats, attn, keep, params = _check_inputs(features, cls_attn, keep, method, params)
+    idx = [res for res, _ in _run(feats, attn, keep, method, params)]
+    if params.get("adaptive_count"):
+        return idx if features.dim() == 3 else idx[0]
+    return torch.stack(idx) if features.dim() == 3 else idx[0]
+
+
+@dataclass
+class PruneResult:
+    """`features`: `[K, D]`, `[B, K, D]` or a list (variable K); `indices`: the same shapes, or
+    None for merging methods; `stats`: one dict per image (erank, entropy, kept, ...)."""
+    features: torch.Tensor | list
+    indices: torch.Tensor | list | None
+    stats: list
+
+
+def prune(features: torch.Tensor, cls_attn: torch.Tensor, keep: int, method: str = "adaptive",
+          stats: bool = True, **params) -> PruneResult:
+    """Prune visual tokens with any method; returns the kept (or merged) features and stats.
+
+    With `stats=True` every image's full-token erank and attention entropy are measured
+    (`center` as the method's, default True) even when the method itself does not need them.
+    """
+    from .metrics import entropy_of, erank_from_singular_values, singular_values
+
+    feats, attn, keep, params = _check_inputs(features, cls_attn, keep, method, params)
+    center = params.get("center", True)
+    results = _run(feats, attn, keep, method, dict(params))
+    out_feats, out_idx, out_stats = [], [], []
+    for b, (res, st) in enumerate(results):
+        if method in MERGING and res.is_floating_point():
+            out_feats.append(res)
+            out_idx.append(None)
+        else:
+            out_feats.append(feats[b, res])
+            out_idx.append(res)
+        st = dict(st, kept=int(out_feats[-1].shape[0]))
+        if stats:
+            if "erank" not in st:
+                st["erank"] = float(erank_from_singular_values(singular_values(feats[b], center)))
+            st.setdefault("entropy", float(entropy_of(attn[b])))
+        out_stats.append(st)
+    variable = bool(params.get("adaptive_count"))
+    merged = method in MERGING
+
+    def pack(items):
+        if features.dim() == 2:
+            return items[0]
+        return items if variable else torch.stack(items)
+
+    return PruneResult(features=pack(out_feats), indices=None if merged else pack(out_idx),
+                       stats=out_stats)

@@ -1,0 +1,29 @@
+"""Selection methods as pure tensor functions: `fn(x [N, D], a [N], k, **params)`.
+
+Each returns `(indices or merged features, stats)` for one image; `llava_agile.api` validates
+inputs, batches, and sorts. No LLaVA imports here.
+"""
+from .adaptive import adaptive
+from .basic import attention, none, random
+from .diversity import diversity, fps
+from .hybrids import bat, mix, vispruner
+
+_RATIO = dict(ratio=0.5, ratio_rule="fixed", ratio_slope=0.5, ratio_min=0.0, ratio_max=1.0,
+              erank_avg=90.0, center=True)
+
+# method -> (reference function, default parameters)
+REGISTRY = {
+    "adaptive": (adaptive, dict(erank_avg=90.0, tau_step=0.01, tau_max=0.25, tau=None,
+                                complexity="erank", entropy_avg=4.7, center=True,
+                                adaptive_count=False)),
+    "attention": (attention, {}),
+    "diversity": (diversity, {}),
+    "fps": (fps, {}),
+    "vispruner": (vispruner, dict(_RATIO, similarity_features=None)),
+    "bat": (bat, dict(_RATIO, similarity_features=None, bat_knn=5)),
+    "mix": (mix, dict(_RATIO)),
+    "random": (random, dict(seed=0)),
+    "none": (none, {}),
+}
+METHODS = tuple(REGISTRY)
+MERGING = frozenset({"bat"})  # methods that return merged features, not indices

@@ -1,0 +1,60 @@
+"""Image-complexity signals (SPEC §2): effective rank and [CLS]-attention entropy.
+
+Reference implementations: plain PyTorch, one image at a time or batched.
+Computation happens in float32, or float64 when the input is float64.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """float64 stays float64; every other float type is computed in float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def singular_values(x: torch.Tensor, center: bool = True) -> torch.Tensor:
+    """Singular values of one `[N, D]` token matrix via its N x N Gram matrix."""
+    x = x.to(compute_dtype(x))
+    if center:
+        x = x - x.mean(dim=0, keepdim=True)
+    eig = torch.linalg.eigvalsh(x @ x.T)
+    return eig.clamp_min(0).sqrt()
+
+
+def erank_from_singular_values(s: torch.Tensor) -> torch.Tensor:
+    """exp(entropy of s / sum(s)); a zero matrix has erank 1 (ours: its rank-0 limit)."""
+    total = s.sum()
+    if total <= 0:
+        return torch.ones((), dtype=s.dtype, device=s.device)
+    q = s / total
+    return torch.exp(-torch.special.xlogy(q, q).sum())
+
+
+def erank(features: torch.Tensor, center: bool = True) -> torch.Tensor:
+    """Effective rank (Roy & Vetterli) of `[N, D]` -> `[]` or `[B, N, D]` -> `[B]`."""
+    from .api import check_features  # late import: api imports this module
+
+    feats = check_features(features)
+    out = torch.stack([erank_from_singular_values(singular_values(f, center)) for f in feats])
+    return out[0] if features.dim() == 2 else out
+
+
+def entropy_of(a: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of one non-negative attention row, renormalised over its entries."""
+    a = a.to(compute_dtype(a))
+    total = a.sum()
+    if total <= 0:
+        # ours: an all-zero row carries no preference; treat it as uniform
+        return torch.log(torch.tensor(float(a.numel()), dtype=a.dtype, device=a.device))
+    p = a / total
+    return -torch.special.xlogy(p, p).sum()
+
+
+def attention_entropy(cls_attn: torch.Tensor) -> torch.Tensor:
+    """Entropy of `[N]` -> `[]` or `[B, N]` -> `[B]` [CLS]-attention rows (SPEC §2)."""
+    from .api import check_attention
+
+    attn = check_attention(cls_attn)
+    out = torch.stack([entropy_of(a) for a in attn])
+    return out[0] if cls_attn.dim() == 1 else out
