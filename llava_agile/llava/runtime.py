@@ -1,0 +1,333 @@
+"""Runtime mode: `enable(model, ...)` prunes the visual tokens of a loaded LLaVA model.
+
+Only instance methods are patched (as ToMe does), with LLaVA's signatures and return types:
+`prepare_inputs_labels_for_multimodal` computes the kept tokens of every image (LLaVA-1.5 or
+LLaVA-NeXT layout) and hands them to LLaVA's own splice code through `encode_images`;
+`encode_images` called directly prunes too. No file of the `llava` package is changed.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+
+from ..api import prune
+from ..config import PruneConfig
+from ..methods import MERGING, REGISTRY
+from . import compat
+from .anyres import assemble, grid_layout
+from .attention import ClsAttentionHook, attention_module
+
+PATCHED = ("prepare_inputs_labels_for_multimodal", "encode_images", "prepare_inputs_for_generation")
+_MISSING = object()
+_FIELDS = ("method", "keep", "params", "feature_space", "anyres_mode")
+
+
+# ---------------------------------------------------------------- configuration
+
+def config_from_dict(d: dict) -> PruneConfig:
+    """`PruneConfig.to_dict()` form, or flat: keys other than its fields are method parameters."""
+    d = dict(d)
+    params = dict(d.pop("params", None) or {})
+    params.update({k: d.pop(k) for k in list(d) if k not in _FIELDS})
+    return PruneConfig(params=params, **d)
+
+
+def as_config(method="adaptive", keep=None, feature_space=None, anyres_mode=None,
+              **params) -> PruneConfig:
+    """A PruneConfig from `enable`'s arguments (a PruneConfig, a dict, or method/keep/params)."""
+    if isinstance(method, (PruneConfig, dict)):
+        if keep is not None or feature_space is not None or anyres_mode is not None or params:
+            raise ValueError("pass either a PruneConfig (or dict) or method/keep/parameters, "
+                             "not both")
+        cfg = method if isinstance(method, PruneConfig) else config_from_dict(method)
+    elif isinstance(method, str):
+        extra = {k: v for k, v in (("feature_space", feature_space), ("anyres_mode", anyres_mode))
+                 if v is not None}
+        cfg = PruneConfig(method=method, keep=64 if keep is None else keep, params=params, **extra)
+    else:
+        raise ValueError(f"pruning must be a method name, a PruneConfig or a dict, "
+                         f"got {type(method).__name__}")
+    if cfg.params.get("similarity_features") is not None:
+        raise ValueError("similarity_features is set by the LLaVA integration (the CLIP "
+                         "features); do not pass it")
+    return cfg
+
+
+# ---------------------------------------------------------------- checks
+
+def _check_model(model, cfg: PruneConfig):
+    needed = ("get_vision_tower", "get_model", "encode_images", *PATCHED)
+    missing = [n for n in needed if not hasattr(model, n)]
+    if missing:
+        raise ValueError(f"enable() needs a LLaVA model (e.g. LlavaLlamaForCausalLM from "
+                         f"llava.model.builder.load_pretrained_model); {type(model).__name__} "
+                         f"lacks {', '.join(missing)}")
+    tower = model.get_vision_tower()
+    if tower is None or not getattr(tower, "is_loaded", False):
+        raise ValueError("the model's vision tower is not loaded; load the model with LLaVA's "
+                         "load_pretrained_model (it loads the tower) before enable()")
+    if getattr(tower, "select_feature", "patch") != "patch":
+        raise ValueError(f"mm_vision_select_feature={tower.select_feature!r} is not supported: "
+                         f"pruning expects patch tokens only ('patch')")
+    if cfg.method in MERGING and getattr(model.config, "image_aspect_ratio", None) == "anyres":
+        raise ValueError(f"method {cfg.method!r} merges tokens, which have no grid position, so "
+                         f"it cannot run on LLaVA-NeXT (anyres) crops; pick an index method")
+
+
+def is_enabled(model) -> bool:
+    return "_agile_state" in getattr(model, "__dict__", {})
+
+
+# ---------------------------------------------------------------- visual tokens
+
+class _State:
+    def __init__(self, config: PruneConfig, hook: ClsAttentionHook):
+        self.config = config
+        self.hook = hook
+        self.saved: dict = {}
+        self.orig: dict = {}
+        self.pending = None
+
+
+def _tower(model, state, images: torch.Tensor):
+    """CLIP patch features `[B, N, Dv]` (LLaVA's own tower forward) and [CLS] rows `[B, N]`."""
+    state.hook.start()
+    try:
+        clip = model.get_vision_tower()(images)
+    finally:
+        attn = state.hook.stop()
+    if attn is None or attn.shape != clip.shape[:2]:
+        got = None if attn is None else tuple(attn.shape)
+        raise RuntimeError(f"expected one [CLS]-attention row per image from the select layer "
+                           f"(features {tuple(clip.shape)}), got {got}; only single-scale CLIP "
+                           f"towers are supported (not S2 multi-scale)")
+    return clip, attn
+
+
+def _select(cfg: PruneConfig, space, attn, clip, keep: int):
+    params = dict(cfg.params)
+    if "similarity_features" in REGISTRY[cfg.method][1]:
+        params["similarity_features"] = clip
+    return prune(space, attn.to(space.device), keep, cfg.method, stats=True, **params)
+
+
+def _flat_tokens(model, state, clip, attn):
+    """LLaVA-1.5: one crop per image; K tokens (or merged features) per image."""
+    cfg = state.config
+    projector = model.get_model().mm_projector
+    vision = cfg.feature_space == "vision"
+    proj = None if vision else projector(clip)
+    res = _select(cfg, clip if vision else proj, attn, clip, cfg.keep)
+    feats, stats = [], []
+    for b in range(clip.shape[0]):
+        st = dict(res.stats[b])
+        if res.indices is None:
+            f = projector(res.features[b]) if vision else res.features[b]
+        else:
+            idx = res.indices[b]
+            f = projector(clip[b, idx]) if vision else proj[b, idx]
+            st["indices"] = idx.tolist()
+        st["tokens"] = int(f.shape[0])
+        feats.append(f)
+        stats.append(st)
+    return feats, stats
+
+
+def _image_tokens(model, cfg, clip, attn, proj, image_size):
+    """One image given as crops (`[n, N, .]`): LLaVA's merge with the kept tokens only."""
+    n, N = attn.shape
+    merge = getattr(model.config, "mm_patch_merge_type", "flat")
+    spatial = merge.startswith("spatial")
+    space = clip if cfg.feature_space == "vision" else proj
+    newline = model.get_model().image_newline if "unpad" in merge else None
+    if cfg.method in MERGING and n > 1:
+        raise ValueError(f"method {cfg.method!r} merges tokens and cannot run on several "
+                         f"crops per image; pick an index method")
+    layout = None
+    if spatial and n > 1:
+        if image_size is None:
+            raise ValueError("LLaVA-NeXT images need image_sizes (the original (width, height))")
+        side = model.get_vision_tower().num_patches_per_side
+        layout = grid_layout(model, image_size, n - 1, side, device=attn.device)
+    if cfg.method in MERGING:
+        res = _select(cfg, space, attn, clip, cfg.keep)
+        f = res.features[0]
+        f = model.get_model().mm_projector(f) if cfg.feature_space == "vision" else f
+        st = dict(res.stats[0], crops=1, kept=int(f.shape[0]))
+        if newline is not None and spatial:
+            f = torch.cat([f, newline[None].to(f)])
+        return f, dict(st, tokens=int(f.shape[0]))
+
+    mask = torch.zeros(n, N, dtype=torch.bool, device=attn.device)
+    mode = cfg.anyres_mode if n > 1 else "per_crop"
+    extra = {}
+    if mode == "shared":
+        res = _select(cfg, space[:1], attn[:1], clip[:1], cfg.keep)
+        mask[:, res.indices[0]] = True
+        st = res.stats[0]
+    elif mode == "per_crop":
+        res = _select(cfg, space, attn, clip, cfg.keep)
+        for c in range(n):
+            mask[c, res.indices[c]] = True
+        st = res.stats[0]
+        if n > 1:
+            extra["crop_stats"] = res.stats
+    else:  # global: K over the base crop and every high-res cell LLaVA keeps
+        dev = attn.device
+        if layout is not None:
+            hi_crop, hi_patch = layout.candidates()
+            crop = torch.cat([torch.zeros(N, dtype=torch.long, device=dev), hi_crop + 1])
+            patch = torch.cat([torch.arange(N, device=dev), hi_patch])
+        else:
+            crop = torch.arange(n, device=dev).repeat_interleave(N)
+            patch = torch.arange(N, device=dev).repeat(n)
+        res = _select(cfg, space[crop, patch][None], attn[crop, patch][None],
+                      clip[crop, patch][None], cfg.keep)
+        idx = res.indices[0]
+        mask[crop[idx], patch[idx]] = True
+        st = res.stats[0]
+
+    if layout is not None:
+        tokens, fed = assemble(proj[0], mask[0], proj[1:], mask[1:], layout, newline)
+    else:
+        tokens, fed = torch.cat([proj[c][mask[c]] for c in range(n)]), mask
+        if spatial and newline is not None:
+            tokens = torch.cat([tokens, newline[None].to(tokens)])
+    kept = int(fed.sum())
+    indices = [fed[c].nonzero().flatten().tolist() for c in range(n)]
+    st = dict(st, **extra, crops=n, mode=mode if n > 1 else None, kept=kept,
+              tokens=int(tokens.shape[0]), newlines=int(tokens.shape[0]) - kept,
+              indices=indices[0] if n == 1 else indices)
+    return tokens, st
+
+
+def _list_tokens(model, state, images, image_sizes):
+    """LLaVA's list / 5-D path: each image is one or more crops (LLaVA-NeXT anyres)."""
+    images = [x.unsqueeze(0) if x.ndim == 3 else x for x in images]
+    sizes = [x.shape[0] for x in images]
+    clip, attn = _tower(model, state, torch.cat(images))
+    proj = model.get_model().mm_projector(clip)
+    feats, stats = [], []
+    parts = zip(clip.split(sizes), attn.split(sizes), proj.split(sizes))
+    for i, (c, a, p) in enumerate(parts):
+        size = image_sizes[i] if image_sizes is not None else None
+        f, st = _image_tokens(model, state.config, c, a, p, size)
+        feats.append(f)
+        stats.append(st)
+    return feats, stats
+
+
+def visual_tokens(model, images, image_sizes=None):
+    """(list of `[L_i, D]` tokens the LLM gets per image, list of per-image stats)."""
+    state = model.__dict__["_agile_state"]
+    if type(images) is list or images.ndim == 5:
+        return _list_tokens(model, state, images, image_sizes)
+    return _flat_tokens(model, state, *_tower(model, state, images))
+
+
+# ---------------------------------------------------------------- patched methods
+
+def _prepare_inputs_labels_for_multimodal(self, input_ids, position_ids, attention_mask,
+                                          past_key_values, labels, images, image_sizes=None):
+    state = self.__dict__["_agile_state"]
+    orig = state.orig["prepare_inputs_labels_for_multimodal"]
+    if self.get_vision_tower() is None or images is None or input_ids.shape[1] == 1:
+        return orig(input_ids, position_ids, attention_mask, past_key_values, labels, images,
+                    image_sizes)
+    feats, stats = visual_tokens(self, images, image_sizes)
+    self.agile_stats = stats
+    # LLaVA's 4-D path calls encode_images once and splices its result per image: hand it ours
+    state.pending = feats
+    try:
+        return orig(input_ids, position_ids, attention_mask, past_key_values, labels,
+                    torch.zeros(len(feats), 1, 1, 1), image_sizes)
+    finally:
+        state.pending = None
+
+
+def _encode_images(self, images):
+    state = self.__dict__["_agile_state"]
+    if state.pending is not None:
+        feats, state.pending = state.pending, None
+        return feats
+    feats, stats = visual_tokens(self, images)
+    self.agile_stats = stats
+    same = all(f.shape == feats[0].shape for f in feats)
+    return torch.stack(feats) if same else feats
+
+
+def _prepare_inputs_for_generation(self, input_ids, past_key_values=None, inputs_embeds=None,
+                                   **kwargs):
+    # same parameters as LLaVA's: transformers inspects them (e.g. for `inputs_embeds`)
+    state = self.__dict__["_agile_state"]
+    return compat.drop_cache_position(state.orig["prepare_inputs_for_generation"](
+        input_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds, **kwargs))
+
+
+_IMPL = {"prepare_inputs_labels_for_multimodal": _prepare_inputs_labels_for_multimodal,
+         "encode_images": _encode_images,
+         "prepare_inputs_for_generation": _prepare_inputs_for_generation}
+
+
+# ---------------------------------------------------------------- public
+
+def enable(model, method="adaptive", keep: int | None = None, *, feature_space: str | None = None,
+           anyres_mode: str | None = None, **params):
+    """Prune the visual tokens of a loaded LLaVA model; returns the model.
+
+    `enable(model, "adaptive", 64, erank_avg=95)`, or `enable(model, PruneConfig(...))` / a dict.
+    After it, LLaVA's unchanged code feeds K tokens per image (per crop for LLaVA-NeXT in the
+    shared / per_crop modes) to the LLM; `model.agile_stats` describes the last call's images.
+    """
+    compat.check_transformers()
+    cfg = as_config(method, keep, feature_space, anyres_mode, **params)
+    _check_model(model, cfg)
+    if is_enabled(model):
+        disable(model)
+    state = _State(cfg, ClsAttentionHook(attention_module(model.get_vision_tower())))
+    names = PATCHED if compat.needs_cache_position_shim() else PATCHED[:2]
+    for name in names:
+        state.saved[name] = model.__dict__.get(name, _MISSING)
+        state.orig[name] = getattr(model, name)
+        setattr(model, name, types.MethodType(_IMPL[name], model))
+    model._agile_state = state
+    model.agile_config = cfg
+    model.agile_stats = []
+    return model
+
+
+def disable(model):
+    """Undo `enable`: LLaVA's original methods, no hook; returns the model. No-op if not enabled."""
+    if not is_enabled(model):
+        return model
+    state = model.__dict__.pop("_agile_state")
+    state.hook.remove()
+    for name, value in state.saved.items():
+        if value is _MISSING:
+            model.__dict__.pop(name, None)
+        else:
+            setattr(model, name, value)
+    for name in ("agile_config", "agile_stats"):
+        model.__dict__.pop(name, None)
+    return model
+
+
+def load_pretrained_model(model_path, model_base=None, model_name=None, *args, pruning=None,
+                          **kwargs):
+    """LLaVA's `load_pretrained_model` (same arguments and return value), then `enable` when
+    `pruning` (a PruneConfig or a dict) is given."""
+    if not isinstance(pruning, (PruneConfig, dict, type(None))):
+        raise ValueError(f"pruning must be a PruneConfig, a dict or None, got "
+                         f"{type(pruning).__name__} {pruning!r}")
+    cfg = None if pruning is None else as_config(pruning)
+    from llava.mm_utils import get_model_name_from_path
+    from llava.model.builder import load_pretrained_model as llava_load
+
+    if model_name is None:
+        model_name = get_model_name_from_path(model_path)
+    tokenizer, model, image_processor, context_len = llava_load(model_path, model_base,
+                                                                model_name, *args, **kwargs)
+    if cfg is not None:
+        enable(model, cfg)
+    return tokenizer, model, image_processor, context_len
