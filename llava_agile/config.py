@@ -91,6 +91,8 @@ def parse_pruning_args(text: str | None) -> dict:
         if "=" not in item:
             raise ValueError(f"--pruning-args takes key=value pairs separated by commas, got {item!r}")
         key, value = item.split("=", 1)
+        if not key.strip():
+            raise ValueError(f"--pruning-args: {item!r} has no parameter name before '='")
         out[key.strip()] = parse_value(value)
     return out
 
