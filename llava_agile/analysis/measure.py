@@ -1,0 +1,275 @@
+"""Measurements through the real LLaVA code path.
+
+Every number comes from a loaded LLaVA model with `llava_agile.enable(model, config)`: LLaVA's
+vision tower, the [CLS]-attention hook and the projector run as in inference
+(`llava_agile.llava.visual_tokens`, or `model.generate`); nothing is re-implemented here.
+Per image and per (method, K): the full-token erank and [CLS]-attention entropy (the method's
+`agile_stats`), the kept indices, the erank of the kept tokens in the selection space, the
+threshold range (adaptive) or attention ratio (hybrids), and the time spent in pruning.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import PruneConfig, check_keep, check_method, load_erank_avg, parse_pruning_args
+from ..methods import MERGING, REGISTRY
+
+RANDOM_PROJECTOR_MARKER = "tiny_llava.json"   # written by llava_agile.assets.build_tiny_llava
+FEATURE_SPACES = ("projected", "vision")
+
+
+# ---------------------------------------------------------------- model
+
+def default_feature_space(model_path: str) -> str:
+    """'vision' for the tiny test/demo LLaVAs (random projector), else the paper's 'projected'."""
+    return "vision" if (Path(model_path) / RANDOM_PROJECTOR_MARKER).is_file() else "projected"
+
+
+def load_model(model_path: str, model_base: str | None = None, device: str | None = None):
+    """(tokenizer, model, image_processor) via LLaVA's builder; CPU: float32, GPU: float16."""
+    from ..assets.dinov2 import install_identity_pre_layrnorm_hook
+    from ..llava import load_pretrained_model
+
+    p = Path(model_path)
+    if (p.is_absolute() or str(model_path).startswith(".")) and not p.is_dir():
+        raise ValueError(f"model folder not found: {model_path}")
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise ValueError(f"{model_path} is not a model folder (no config.json)")
+    install_identity_pre_layrnorm_hook()  # no-op for models other than the DINOv2 conversion
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    kwargs = {"device": "cpu", "device_map": "cpu"} if device == "cpu" else {"device": device}
+    try:
+        tokenizer, model, processor, _ = load_pretrained_model(str(model_path), model_base, **kwargs)
+    except OSError as e:
+        raise ValueError(f"cannot load model {model_path!r}: {str(e).splitlines()[0]}") from None
+    if device == "cpu":
+        model = model.float()
+    if processor is None:
+        raise ValueError(f"{model_path} loaded without an image processor: is it a LLaVA model "
+                         f"(its folder name must contain 'llava')?")
+    return tokenizer, model.eval(), processor
+
+
+# ---------------------------------------------------------------- configurations
+
+def make_configs(methods, keeps, pruning_args=None, erank_avg_file=None,
+                 feature_space="projected") -> list[PruneConfig]:
+    """One PruneConfig per (method, K). Each `--pruning-args` key goes to the methods that take
+    it (a key no method takes is an error); `--erank-avg-file` sets erank_avg where used."""
+    methods = list(dict.fromkeys(methods))
+    keeps = [check_keep(k) for k in dict.fromkeys(keeps)]
+    if not methods or not keeps:
+        raise ValueError("give at least one method and one K")
+    for m in methods:
+        check_method(m)
+    params = parse_pruning_args(pruning_args) if isinstance(pruning_args, (str, type(None))) \
+        else dict(pruning_args)
+    extra = {"feature_space": params.pop("feature_space", feature_space)}
+    if "anyres_mode" in params:
+        extra["anyres_mode"] = params.pop("anyres_mode")
+    unused = [k for k in params if not any(k in REGISTRY[m][1] for m in methods)]
+    if unused:
+        raise ValueError(f"--pruning-args {', '.join(unused)}: no method among "
+                         f"{', '.join(methods)} takes it")
+    erank_avg = None
+    if erank_avg_file:
+        if not any("erank_avg" in REGISTRY[m][1] for m in methods):
+            raise ValueError(f"--erank-avg-file: none of {', '.join(methods)} uses erank_avg")
+        erank_avg = load_erank_avg(erank_avg_file)
+    out = []
+    for m in methods:
+        p = {k: v for k, v in params.items() if k in REGISTRY[m][1]}
+        if erank_avg is not None and "erank_avg" in REGISTRY[m][1]:
+            p.setdefault("erank_avg", erank_avg)
+        out.extend(PruneConfig(method=m, keep=k, params=p, **extra) for k in keeps)
+    return out
+
+
+# ---------------------------------------------------------------- timing and capture
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def prune_timer(device):
+    """Seconds spent in `llava_agile.prune` (selection and its stats) by the LLaVA integration;
+    the vision tower and projector are not counted. Yields the list of per-call times."""
+    from ..llava import runtime
+
+    times: list[float] = []
+    original = getattr(runtime, "prune", None)
+    if original is None:          # the integration changed: no timing, measurements still run
+        yield times
+        return
+
+    def timed(*args, **kwargs):
+        _sync(device)
+        t0 = time.perf_counter()
+        res = original(*args, **kwargs)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        return res
+
+    runtime.prune = timed
+    try:
+        yield times
+    finally:
+        runtime.prune = original
+
+
+@contextlib.contextmanager
+def capture(model):
+    """Record the vision tower's outputs and the projector's inputs while active."""
+    seen = {"tower": [], "projector": []}
+    handles = [
+        model.get_vision_tower().register_forward_hook(
+            lambda m, a, out: seen["tower"].append(out)),
+        model.get_model().mm_projector.register_forward_pre_hook(
+            lambda m, a: seen["projector"].append(a[0])),
+    ]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _base_indices(indices):
+    """Kept indices of the base crop (LLaVA-NeXT gives one list per crop)."""
+    if indices and isinstance(indices[0], list):
+        return indices[0]
+    return indices
+
+
+@torch.no_grad()
+def kept_tokens(model, cfg: PruneConfig, stats: dict, seen: dict, fed: torch.Tensor):
+    """The kept tokens in the selection space (`cfg.feature_space`) of the (base crop of the)
+    image: index methods -> the tower's / projector's features at the kept indices; merging
+    methods -> the merged features (projected: what the LLM got; vision: the projector's input)."""
+    if cfg.method in MERGING:
+        return fed if cfg.feature_space == "projected" else seen["projector"][-1]
+    clip = seen["tower"][0][0]
+    idx = torch.as_tensor(_base_indices(stats["indices"]), dtype=torch.long, device=clip.device)
+    space = clip if cfg.feature_space == "vision" else model.get_model().mm_projector(clip)
+    return space[idx]
+
+
+def erank_of(x: torch.Tensor, center: bool = True) -> float:
+    """Effective rank of one `[K, D]` token matrix (float32 at least)."""
+    from ..metrics import erank_from_singular_values, singular_values
+
+    return float(erank_from_singular_values(singular_values(x.float(), center)))
+
+
+# ---------------------------------------------------------------- one image
+
+class Measurer:
+    """Measures images on a loaded LLaVA model, one (method, K) configuration at a time."""
+
+    def __init__(self, model, processor, tokenizer=None, conv_mode: str = "vicuna_v1"):
+        self.model, self.processor, self.tokenizer = model, processor, tokenizer
+        self.conv_mode = conv_mode
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.get_model().mm_projector.parameters()).dtype
+
+    def pixels(self, image):
+        """LLaVA's `process_images` of one PIL image -> (pixels on the model's device, sizes)."""
+        from llava.mm_utils import process_images
+
+        x = process_images([image], self.processor, self.model.config)
+        if isinstance(x, list):
+            x = [t.to(self.device, self.dtype) for t in x]
+        else:
+            x = x.to(self.device, self.dtype)
+        return x, [image.size]
+
+    def input_view(self, pixels):
+        """The (base-crop) image the vision tower sees, as a uint8 HxWx3 array."""
+        x = pixels[0] if isinstance(pixels, list) else pixels[0]
+        if x.dim() == 4:
+            x = x[0]
+        mean = torch.tensor(self.processor.image_mean).view(3, 1, 1)
+        std = torch.tensor(self.processor.image_std).view(3, 1, 1)
+        img = (x.float().cpu() * std + mean).clamp(0, 1)
+        return (img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+
+    def prompt(self, question: str):
+        from ..assets.tiny import tiny_prompt
+
+        if self.tokenizer is None:
+            raise ValueError("generation needs the tokenizer")
+        return tiny_prompt(self.tokenizer, question, self.conv_mode).to(self.device)
+
+    @torch.inference_mode()
+    def run(self, pixels, sizes, cfg: PruneConfig, question: str | None = None,
+            max_new_tokens: int = 16) -> dict:
+        """One configuration on one image. With `question`, LLaVA's `generate` runs first (its
+        pruning time and answer are recorded); the kept tokens then come from `visual_tokens`."""
+        from .. import disable, enable
+        from ..llava import visual_tokens
+
+        model = self.model
+        enable(model, cfg)
+        try:
+            answer, gen_times = None, None
+            if question is not None:
+                ids = self.prompt(question)
+                with prune_timer(self.device) as gen_times:
+                    out = model.generate(ids, images=pixels, image_sizes=sizes, do_sample=False,
+                                         max_new_tokens=max_new_tokens, use_cache=True,
+                                         attention_mask=torch.ones_like(ids))
+                answer = self.tokenizer.decode(out[0], skip_special_tokens=True).strip()
+                gen_stats = model.agile_stats[0]
+            with capture(model) as seen, prune_timer(self.device) as times:
+                fed, stats = visual_tokens(model, pixels, sizes)
+            st = stats[0]
+            if question is not None and gen_stats.get("indices") != st.get("indices"):
+                raise RuntimeError(f"{cfg.method}: generate and visual_tokens kept different "
+                                   f"tokens for the same image")
+            kept = kept_tokens(model, cfg, st, seen, fed[0])
+            retained = erank_of(kept, cfg.params.get("center", True))
+        finally:
+            disable(model)
+        n = int(seen["tower"][0].shape[1])
+        tau = st.get("tau_range")
+        used = gen_times if gen_times else times
+        rec = {"method": cfg.method, "keep": cfg.keep, "kept": int(st["kept"]),
+               "tokens": int(st.get("tokens", st["kept"])), "n_tokens": n,
+               "erank": float(st["erank"]), "entropy": float(st["entropy"]),
+               "retained_erank": retained,
+               "tau_range": [float(tau[0]), float(tau[1])] if tau is not None else None,
+               "ratio": float(st["ratio"]) if "ratio" in st else None,
+               "indices": st.get("indices"),
+               "prune_ms": round(1000 * sum(used), 3) if used else None}
+        if answer is not None:
+            rec["answer"] = answer
+        return rec
+
+
+def measure_image(measurer: Measurer, item: dict, configs, question: str | None = None,
+                  max_new_tokens: int = 16, image=None) -> dict:
+    """The per-image record: image, category, size, full erank / entropy, one run per config.
+    With no configs only the full-token signals are measured (method 'none')."""
+    from .inputs import open_image
+
+    image = open_image(item["path"]) if image is None else image
+    pixels, sizes = measurer.pixels(image)
+    fs = configs[0].feature_space if configs else "projected"
+    runs = [measurer.run(pixels, sizes, c, question, max_new_tokens) for c in configs]
+    if not runs:
+        runs_for_stats = [measurer.run(pixels, sizes, PruneConfig("none", 1, feature_space=fs))]
+    else:
+        runs_for_stats = runs
+    first = runs_for_stats[0]
+    return {"image": item["image"], "category": item["category"],
+            "categories": item.get("categories", [item["category"]]),
+            "width": image.size[0], "height": image.size[1], "n_tokens": first["n_tokens"],
+            "feature_space": fs, "erank": first["erank"], "entropy": first["entropy"],
+            "runs": [{k: v for k, v in r.items() if k not in ("erank", "entropy", "n_tokens")}
+                     for r in runs]}
