@@ -1,4 +1,4 @@
-"""CLI: python -m llava_agile.eval {score,report,merge,pending,paths,layout,chair-questions} ...
+"""CLI: python -m llava_agile.eval {run,score,report,merge,pending,paths,layout,chair-questions} ...
 
 Every command prints one JSON object (or the report's markdown) on stdout; errors are one line
 on stderr with exit status 2."""
@@ -8,7 +8,7 @@ import argparse
 import json
 import sys
 
-from . import benchmarks, chair, layout
+from . import benchmarks, chair, driver, layout
 from .answers import (dump_questions, dumps_jsonl, finished_ids, load_questions, merge_answers,
                       pending_questions, write_output)
 
@@ -18,6 +18,7 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     names = ", ".join(benchmarks.BENCHMARKS)
+    driver.add_parser(sub)
 
     s = sub.add_parser("score", help="score an answers file (prints one JSON object, percentages)")
     s.add_argument("bench", help=f"one of: {names}")
@@ -84,6 +85,8 @@ def _emit(obj) -> None:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.cmd == "run":
+            return driver.main(args)
         if args.cmd == "score":
             from .scoring import score
             res = score(args.bench, args.answers, args.questions, args.annotations, args.upload,
