@@ -1,9 +1,11 @@
 """llava_agile: adaptive visual-token pruning (AgilePruner) and its baselines for LLaVA."""
 from .api import PruneResult, prune, select_tokens
+from .backend import ext_available, set_backend
 from .config import PruneConfig
+from .llava import disable, enable, load_pretrained_model
 from .methods import METHODS
 from .metrics import attention_entropy, erank
 
 __all__ = ["select_tokens", "prune", "erank", "attention_entropy", "METHODS", "PruneConfig",
-           "PruneResult"]
+           "PruneResult", "ext_available", "set_backend", "enable", "disable", "load_pretrained_model"]
 __version__ = "0.1.0"

@@ -14,12 +14,20 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def singular_values(x: torch.Tensor, center: bool = True) -> torch.Tensor:
-    """Singular values of one `[N, D]` token matrix via its N x N Gram matrix."""
+    """Singular values of one `[N, D]` token matrix.
+
+    float32: SPEC's cheap route, the eigenvalues of the smaller Gram matrix (N x N when N <= D,
+    else D x D, so no round-off eigenvalues stand in for the exact zeros of the larger one).
+    float64: `svdvals` (ours: the definition itself; the Gram route turns round-off into
+    singular values near 1e-8 * s_max, which moves the erank of low-rank inputs by ~1e-5).
+    """
     x = x.to(compute_dtype(x))
     if center:
         x = x - x.mean(dim=0, keepdim=True)
-    eig = torch.linalg.eigvalsh(x @ x.T)
-    return eig.clamp_min(0).sqrt()
+    if x.dtype == torch.float64:
+        return torch.linalg.svdvals(x)
+    gram = x @ x.T if x.shape[0] <= x.shape[1] else x.T @ x
+    return torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
 
 
 def erank_from_singular_values(s: torch.Tensor) -> torch.Tensor:

@@ -21,10 +21,14 @@ def attention_order(a: torch.Tensor) -> torch.Tensor:
 
 
 def cosine_distances(x: torch.Tensor) -> torch.Tensor:
-    """`[N, D]` -> `[N, N]` with d(i, j) = 1 - <x_i, x_j> / (|x_i| |x_j|), norms floored."""
+    """`[N, D]` -> `[N, N]` with d(i, j) = 1 - <x_i, x_j> / (|x_i| |x_j|), norms floored.
+
+    Clamped to [0, 2] (ours): round-off must not make a duplicate's distance negative, or a
+    zero threshold would remove it.
+    """
     x = x.to(compute_dtype(x))
     norms = x.norm(dim=1).clamp_min(NORM_FLOOR)
-    return 1 - (x @ x.T) / (norms[:, None] * norms[None, :])
+    return (1 - (x @ x.T) / (norms[:, None] * norms[None, :])).clamp(0, 2)
 
 
 def greedy_max_min(dist: torch.Tensor, selected: list[int], k: int) -> list[int]:
