@@ -11,7 +11,9 @@ from llava_agile.eval.answers import (dump_questions, finished_ids, load_questio
                                       write_output)
 
 torch.set_num_threads(1)
-SAMPLES = "/work/shared/llava_eval_samples"
+from conftest import EVAL_SAMPLES
+
+SAMPLES = str(EVAL_SAMPLES)
 
 
 def _write(path, recs, tail=""):

@@ -20,7 +20,9 @@ from llava_agile.eval.scoring import score
 from llava_agile.eval.textvqa import question_of_prompt
 
 torch.set_num_threads(1)
-SAMPLES = Path("/work/shared/llava_eval_samples")
+from conftest import EVAL_SAMPLES
+
+SAMPLES = EVAL_SAMPLES
 LLAVA_EVAL = Path(llava_m4c().__file__).parent
 ANS = {b: SAMPLES / f"{b}_answers_llava-v1.5-13b.jsonl" for b in ("gqa", "textvqa", "pope", "mme", "mmbench")}
 
