@@ -19,7 +19,7 @@ from .methods import REGISTRY
 
 BACKENDS = ("auto", "ext", "torch")
 ENV = "LLAVA_AGILE_BACKEND"
-ACCELERATED = frozenset({"adaptive", "diversity", "fps"})
+ACCELERATED = frozenset({"adaptive", "diversity", "fps", "erank", "entropy"})  # methods + signals
 
 try:
     from . import _C

@@ -41,9 +41,13 @@ def erank_from_singular_values(s: torch.Tensor) -> torch.Tensor:
 
 def erank(features: torch.Tensor, center: bool = True) -> torch.Tensor:
     """Effective rank (Roy & Vetterli) of `[N, D]` -> `[]` or `[B, N, D]` -> `[B]`."""
+    from . import backend
     from .api import check_features  # late import: api imports this module
 
     feats = check_features(features)
+    if backend.use_ext("erank", feats.device):
+        out = backend.erank(feats, center)
+        return out[0] if features.dim() == 2 else out
     out = torch.stack([erank_from_singular_values(singular_values(f, center)) for f in feats])
     return out[0] if features.dim() == 2 else out
 
@@ -61,8 +65,12 @@ def entropy_of(a: torch.Tensor) -> torch.Tensor:
 
 def attention_entropy(cls_attn: torch.Tensor) -> torch.Tensor:
     """Entropy of `[N]` -> `[]` or `[B, N]` -> `[B]` [CLS]-attention rows (SPEC §2)."""
+    from . import backend
     from .api import check_attention
 
     attn = check_attention(cls_attn)
+    if backend.use_ext("entropy", attn.device):
+        out = backend.attention_entropy(attn)
+        return out[0] if cls_attn.dim() == 1 else out
     out = torch.stack([entropy_of(a) for a in attn])
     return out[0] if cls_attn.dim() == 1 else out
