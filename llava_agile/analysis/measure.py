@@ -10,7 +10,6 @@ threshold range (adaptive) or attention ratio (hybrids), and the time spent in p
 from __future__ import annotations
 
 import contextlib
-import time
 from pathlib import Path
 
 import torch
@@ -31,15 +30,13 @@ def default_feature_space(model_path: str) -> str:
 
 def load_model(model_path: str, model_base: str | None = None, device: str | None = None):
     """(tokenizer, model, image_processor) via LLaVA's builder; CPU: float32, GPU: float16."""
-    from ..assets.dinov2 import install_identity_pre_layrnorm_hook
-    from ..llava import load_pretrained_model
+    from ..llava import load_pretrained_model  # installs the DINOv2 identity pre_layrnorm hook
 
     p = Path(model_path)
     if (p.is_absolute() or str(model_path).startswith(".")) and not p.is_dir():
         raise ValueError(f"model folder not found: {model_path}")
     if p.is_dir() and not (p / "config.json").is_file():
         raise ValueError(f"{model_path} is not a model folder (no config.json)")
-    install_identity_pre_layrnorm_hook()  # no-op for models other than the DINOv2 conversion
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     kwargs = {"device": "cpu", "device_map": "cpu"} if device == "cpu" else {"device": device}
     try:
@@ -89,39 +86,7 @@ def make_configs(methods, keeps, pruning_args=None, erank_avg_file=None,
     return out
 
 
-# ---------------------------------------------------------------- timing and capture
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@contextlib.contextmanager
-def prune_timer(device):
-    """Seconds spent in `llava_agile.prune` (selection and its stats) by the LLaVA integration;
-    the vision tower and projector are not counted. Yields the list of per-call times."""
-    from ..llava import runtime
-
-    times: list[float] = []
-    original = getattr(runtime, "prune", None)
-    if original is None:          # the integration changed: no timing, measurements still run
-        yield times
-        return
-
-    def timed(*args, **kwargs):
-        _sync(device)
-        t0 = time.perf_counter()
-        res = original(*args, **kwargs)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        return res
-
-    runtime.prune = timed
-    try:
-        yield times
-    finally:
-        runtime.prune = original
-
+# ---------------------------------------------------------------- capture
 
 @contextlib.contextmanager
 def capture(model):
@@ -210,23 +175,23 @@ class Measurer:
     def run(self, pixels, sizes, cfg: PruneConfig, question: str | None = None,
             max_new_tokens: int = 16) -> dict:
         """One configuration on one image. With `question`, LLaVA's `generate` runs first (its
-        pruning time and answer are recorded); the kept tokens then come from `visual_tokens`."""
+        pruning time (`prune_ms` of `model.agile_stats`) and answer are recorded); the kept
+        tokens then come from `visual_tokens`."""
         from .. import disable, enable
         from ..llava import visual_tokens
 
         model = self.model
         enable(model, cfg)
         try:
-            answer, gen_times = None, None
+            answer, gen_stats = None, None
             if question is not None:
                 ids = self.prompt(question)
-                with prune_timer(self.device) as gen_times:
-                    out = model.generate(ids, images=pixels, image_sizes=sizes, do_sample=False,
-                                         max_new_tokens=max_new_tokens, use_cache=True,
-                                         attention_mask=torch.ones_like(ids))
+                out = model.generate(ids, images=pixels, image_sizes=sizes, do_sample=False,
+                                     max_new_tokens=max_new_tokens, use_cache=True,
+                                     attention_mask=torch.ones_like(ids))
                 answer = self.tokenizer.decode(out[0], skip_special_tokens=True).strip()
                 gen_stats = model.agile_stats[0]
-            with capture(model) as seen, prune_timer(self.device) as times:
+            with capture(model) as seen:
                 fed, stats = visual_tokens(model, pixels, sizes)
             st = stats[0]
             if question is not None and gen_stats.get("indices") != st.get("indices"):
@@ -238,15 +203,15 @@ class Measurer:
             disable(model)
         n = int(seen["tower"][0].shape[1])
         tau = st.get("tau_range")
-        used = gen_times if gen_times else times
+        ms = (gen_stats or st).get("prune_ms")
         rec = {"method": cfg.method, "keep": cfg.keep, "kept": int(st["kept"]),
                "tokens": int(st.get("tokens", st["kept"])), "n_tokens": n,
                "erank": float(st["erank"]), "entropy": float(st["entropy"]),
                "retained_erank": retained,
                "tau_range": [float(tau[0]), float(tau[1])] if tau is not None else None,
                "ratio": float(st["ratio"]) if "ratio" in st else None,
-               "indices": st.get("indices"),
-               "prune_ms": round(1000 * sum(used), 3) if used else None}
+               "indices": st.get("indices"), "attention_indices": st.get("attention_indices"),
+               "prune_ms": round(ms, 3) if ms is not None else None}
         if answer is not None:
             rec["answer"] = answer
         return rec

@@ -58,7 +58,7 @@ def _fmt(run: dict, erank: float, entropy: float) -> str:
 def overlay_figure(image: np.ndarray, record: dict, path: str | Path, title: str | None = None,
                    runs: list | None = None) -> Path:
     """One PNG: the model's input image, then per run the kept patches highlighted on the grid.
-    Merging methods (bat) keep no grid positions: their panel says so."""
+    Merging methods (bat) show the patches they keep by attention (the rest are merged)."""
     plt = _plt()
     runs = record["runs"] if runs is None else runs
     n = 1 + len(runs)
@@ -79,18 +79,19 @@ def overlay_figure(image: np.ndarray, record: dict, path: str | Path, title: str
         idx = run.get("indices")
         if idx is not None and idx and isinstance(idx[0], list):
             idx = idx[0]          # LLaVA-NeXT: the base crop
-        if idx is None:
-            ax.imshow(highlight(image, np.zeros((side, side), bool)))
-            ax.text(w / 2, h / 2, "merges tokens:\nno kept grid positions", ha="center",
-                    va="center", color="white", fontsize=8)
-        else:
-            mask = keep_mask(idx, record["n_tokens"])
-            ax.imshow(highlight(image, mask))
-            ys, xs = np.nonzero(mask)
-            ph, pw = h / side, w / side
-            for y, x in zip(ys, xs):
-                ax.add_patch(plt.Rectangle((x * pw - 0.5, y * ph - 0.5), pw, ph, fill=False,
-                                           lw=0.5, ec=EDGE))
+        merged = idx is None      # bat: the patches kept by attention; the rest are merged
+        if merged:
+            idx = run.get("attention_indices") or []
+        mask = keep_mask(idx, record["n_tokens"])
+        ax.imshow(highlight(image, mask))
+        ys, xs = np.nonzero(mask)
+        ph, pw = h / side, w / side
+        for y, x in zip(ys, xs):
+            ax.add_patch(plt.Rectangle((x * pw - 0.5, y * ph - 0.5), pw, ph, fill=False,
+                                       lw=0.5, ec=EDGE))
+        if merged:
+            ax.text(w / 2, h - 2, f"{len(idx)} kept by attention,\nthe rest merged", ha="center",
+                    va="bottom", color="white", fontsize=7)
         ax.set_title(_fmt(run, record["erank"], record["entropy"]), fontsize=8.5)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -327,36 +327,6 @@ def check_against_onnx(model, image=None, processor=None,
 
 # --- the whole asset: encoder folder, ONNX check, tiny LLaVA around it --------------------------
 
-def build_tiny_llava_around(encoder_dir: str | Path, out_dir: str | Path, seed: int = 0) -> str:
-    """A tiny random LLaVA-1.5 (random projector and LLM) whose vision tower is `encoder_dir`."""
-    import inspect
-
-    from .tiny import build_tiny_llava
-
-    enc = str(Path(encoder_dir).resolve())
-    if "vision_tower" in inspect.signature(build_tiny_llava).parameters:
-        return build_tiny_llava(str(out_dir), seed=seed, vision_tower=enc)
-    # interim, until build_tiny_llava takes `vision_tower`: build it with a small random CLIP,
-    # then point it at the real encoder and redraw the projector's input layer for 384-d features
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    path = Path(build_tiny_llava(str(out_dir), seed=seed, image_size=224, vision_layers=2))
-    cfg = json.loads((path / "config.json").read_text())
-    cfg.update(mm_vision_tower=enc, mm_hidden_size=HIDDEN)
-    (path / "config.json").write_text(json.dumps(cfg, indent=2))
-    for f in path.glob("*.safetensors"):
-        sd = load_file(str(f))
-        key = "model.mm_projector.0.weight"
-        if key in sd:
-            gen = torch.Generator().manual_seed(seed + 1)
-            sd[key] = torch.randn(sd[key].shape[0], HIDDEN, generator=gen) / HIDDEN ** 0.5
-            save_file(sd, str(f), metadata={"format": "pt"})
-    shutil.rmtree(path / "clip-vision", ignore_errors=True)
-    return str(path)
-
-
 def build(out: str | Path, image_size: int = 224, onnx_path: str | Path | None = None,
           check: bool = True, llava: bool = True, seed: int = 0, tol: float = 1e-4) -> dict:
     """Convert into `out/dinov2-vits14-clip-{size}`, check it against the ONNX (if onnxruntime is
@@ -383,5 +353,8 @@ def build(out: str | Path, image_size: int = 224, onnx_path: str | Path | None =
                 raise RuntimeError(f"converted encoder differs from the ONNX by "
                                    f"{res['check']['worst_max_abs']:.2e} > {tol:.0e}")
     if llava:
-        res["llava"] = build_tiny_llava_around(enc, out / f"tiny-llava-dinov2-{image_size}", seed)
+        from .tiny import build_tiny_llava
+
+        res["llava"] = build_tiny_llava(str(out / f"tiny-llava-dinov2-{image_size}"), seed=seed,
+                                        vision_tower=str(enc))
     return res

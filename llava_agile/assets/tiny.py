@@ -74,17 +74,28 @@ def _init_(module: torch.nn.Module, gen: torch.Generator, attn_gain: float = 1.0
 
 
 def build_tiny_llava(out_dir: str, next: bool = False, seed: int = 0, image_size: int = 336,
-                     patch_size: int = 14, vision_layers: int = 3) -> str:
+                     patch_size: int = 14, vision_layers: int = 3,
+                     vision_tower: str | None = None) -> str:
     """Write a loadable tiny random LLaVA folder; returns its path (its name contains 'llava').
 
     `next=True`: anyres with `image_grid_pinpoints`, `spatial_unpad` and an `image_newline`.
+    `vision_tower`: a local CLIPVisionModel folder used as is (e.g. the DINOv2 conversion) instead
+    of a random 64-d CLIP; its config gives the image size, layers and the projector's input width
+    (`image_size`, `patch_size` and `vision_layers` are then ignored).
     """
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
     from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
 
+    if vision_tower is not None:
+        vision_dir = os.path.abspath(vision_tower)
+        if not os.path.isfile(os.path.join(vision_dir, "config.json")):
+            raise ValueError(f"vision_tower must be a CLIPVisionModel folder (no config.json): "
+                             f"{vision_dir}")
+        vcfg = CLIPVisionConfig.from_pretrained(vision_dir)
+        image_size, vision_layers = vcfg.image_size, vcfg.num_hidden_layers
     if vision_layers < 2:
         raise ValueError(f"vision_layers must be >= 2 (LLaVA uses layer -2), got {vision_layers}")
-    if image_size % patch_size:
+    if vision_tower is None and image_size % patch_size:
         raise ValueError(f"image_size {image_size} must be a multiple of patch_size {patch_size}")
     out_dir = os.path.abspath(out_dir)
     path = out_dir if "llava" in os.path.basename(out_dir).lower() else \
@@ -92,15 +103,18 @@ def build_tiny_llava(out_dir: str, next: bool = False, seed: int = 0, image_size
     os.makedirs(path, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
 
-    vision_dir = os.path.join(path, "clip-vision")
-    vcfg = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=vision_layers,
-                            num_attention_heads=4, image_size=image_size, patch_size=patch_size,
-                            projection_dim=64, hidden_act="quick_gelu")
-    clip = CLIPVisionModel(vcfg)
-    _init_(clip, gen, attn_gain=3.0)
-    clip.save_pretrained(vision_dir, safe_serialization=True)
-    CLIPImageProcessor(size={"shortest_edge": image_size},
-                       crop_size={"height": image_size, "width": image_size}).save_pretrained(vision_dir)
+    if vision_tower is None:
+        vision_dir = os.path.join(path, "clip-vision")
+        vcfg = CLIPVisionConfig(hidden_size=64, intermediate_size=128,
+                                num_hidden_layers=vision_layers, num_attention_heads=4,
+                                image_size=image_size, patch_size=patch_size, projection_dim=64,
+                                hidden_act="quick_gelu")
+        clip = CLIPVisionModel(vcfg)
+        _init_(clip, gen, attn_gain=3.0)
+        clip.save_pretrained(vision_dir, safe_serialization=True)
+        CLIPImageProcessor(size={"shortest_edge": image_size},
+                           crop_size={"height": image_size, "width": image_size}
+                           ).save_pretrained(vision_dir)
 
     _train_tokenizer(path, seed)
     from transformers import LlamaTokenizer
@@ -111,7 +125,7 @@ def build_tiny_llava(out_dir: str, next: bool = False, seed: int = 0, image_size
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
         torch_dtype="float32", use_cache=True,
-        mm_vision_tower=vision_dir, mm_hidden_size=64, mm_projector_type="mlp2x_gelu",
+        mm_vision_tower=vision_dir, mm_hidden_size=vcfg.hidden_size, mm_projector_type="mlp2x_gelu",
         mm_vision_select_layer=-2, mm_vision_select_feature="patch", mm_use_im_start_end=False,
         mm_use_im_patch_token=False, image_aspect_ratio="anyres" if next else "pad",
         tokenizer_padding_side="right", tokenizer_model_max_length=4096,
@@ -124,13 +138,15 @@ def build_tiny_llava(out_dir: str, next: bool = False, seed: int = 0, image_size
     _init_(model, gen)
     model.save_pretrained(path, safe_serialization=True)
     with open(os.path.join(path, "tiny_llava.json"), "w") as f:
-        json.dump({"seed": seed, "next": next, "vision_layers": vision_layers}, f)
+        json.dump({"seed": seed, "next": next, "vision_layers": vision_layers,
+                   "vision_tower": vision_tower and vision_dir}, f)
     return path
 
 
 def load_tiny(path: str):
-    """(tokenizer, model, image_processor, context_len) through LLaVA's builder, float32 on CPU."""
-    from llava.model.builder import load_pretrained_model
+    """(tokenizer, model, image_processor, context_len) through LLaVA's builder (via
+    `llava_agile.load_pretrained_model`), float32 on CPU."""
+    from ..llava.runtime import load_pretrained_model
 
     name = os.path.basename(os.path.normpath(path))
     tokenizer, model, image_processor, ctx = load_pretrained_model(

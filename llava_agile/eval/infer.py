@@ -5,60 +5,18 @@
 
 MODULE (e.g. llava.eval.model_vqa_loader) runs through the runner `llava_agile.run`, or, with
 `--llava-dir`, as `python -m MODULE` of that patched LLaVA checkout (it parses --pruning itself).
-Both load the model through `llava_agile.patch_hooks.finish_model`; wrapping it, every
-`model.generate` call appends one flushed JSON line to the stats file,
-`{"images": n, "kept": [visual tokens kept per image], "s": seconds}`, which gives the driver
-its progress bar, the mean kept tokens and the seconds per sample.
+Both load the model through `llava_agile.patch_hooks.finish_model`, which honours
+`LLAVA_AGILE_STATS_FILE` and `LLAVA_AGILE_MAX_NEW_TOKENS` (set here): every `model.generate`
+call appends one flushed JSON line to the stats file, `{"images": n, "kept": [visual tokens kept
+per image], "prune_ms": [...], "s": seconds}`, which the driver reads for its progress bar, the
+mean kept tokens and the seconds per sample.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import runpy
 import sys
-import time
-
-
-def _n_images(images) -> int:
-    if images is None:
-        return 0
-    return len(images) if isinstance(images, (list, tuple)) else int(images.shape[0])
-
-
-def instrument(model, stats_file: str, max_new_tokens: int | None):
-    """Wrap `model.generate` to log one stats line per call (and cap max_new_tokens)."""
-    generate = model.generate
-    out = open(stats_file, "a", encoding="utf-8")
-
-    def logged_generate(*args, **kwargs):
-        if max_new_tokens is not None:
-            kwargs["max_new_tokens"] = min(kwargs.get("max_new_tokens") or max_new_tokens,
-                                           max_new_tokens)
-        if "agile_stats" in model.__dict__:
-            model.agile_stats = []          # a text-only question must not report stale stats
-        start = time.perf_counter()
-        result = generate(*args, **kwargs)
-        seconds = time.perf_counter() - start
-        kept = [s.get("kept", s.get("tokens")) for s in getattr(model, "agile_stats", None) or []]
-        out.write(json.dumps({"images": _n_images(kwargs.get("images")), "kept": kept,
-                              "s": round(seconds, 6)}) + "\n")
-        out.flush()
-        return result
-
-    model.generate = logged_generate
-    return model
-
-
-def _hook(stats_file: str, max_new_tokens: int | None) -> None:
-    import llava_agile.patch_hooks as hooks
-
-    finish = hooks.finish_model
-
-    def finish_and_log(model, *args, **kwargs):
-        return instrument(finish(model, *args, **kwargs), stats_file, max_new_tokens)
-
-    hooks.finish_model = finish_and_log
 
 
 def patch_problem(llava_dir: str, module: str) -> str | None:
@@ -91,7 +49,11 @@ def main(argv=None) -> int:
             print(f"error: {problem}", file=sys.stderr)
             return 2
         sys.path.insert(0, os.path.abspath(ours.llava_dir))
-    _hook(ours.stats_file, ours.max_new_tokens)
+    from llava_agile.patch_hooks import MAX_NEW_TOKENS_ENV, STATS_ENV
+
+    os.environ[STATS_ENV] = os.path.abspath(ours.stats_file)
+    if ours.max_new_tokens is not None:
+        os.environ[MAX_NEW_TOKENS_ENV] = str(ours.max_new_tokens)
     if not ours.llava_dir:
         from llava_agile.run import main as run_main
         return run_main([ours.module, *rest])

@@ -7,6 +7,7 @@ LLaVA-NeXT layout) and hands them to LLaVA's own splice code through `encode_ima
 """
 from __future__ import annotations
 
+import time
 import types
 
 import torch
@@ -105,11 +106,27 @@ def _tower(model, state, images: torch.Tensor):
     return clip, attn
 
 
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _select(cfg: PruneConfig, space, attn, clip, keep: int):
+    """`prune` on `[B, N, .]`; returns (PruneResult, milliseconds it took, CUDA-synchronised).
+    bat's stats carry `attention_indices`: the attention-kept tokens (the rest are merged)."""
     params = dict(cfg.params)
     if "similarity_features" in REGISTRY[cfg.method][1]:
         params["similarity_features"] = clip
-    return prune(space, attn.to(space.device), keep, cfg.method, stats=True, **params)
+    attn = attn.to(space.device)
+    _sync(space.device)
+    t0 = time.perf_counter()
+    res = prune(space, attn, keep, cfg.method, stats=True, **params)
+    _sync(space.device)
+    ms = 1000 * (time.perf_counter() - t0)
+    if cfg.method == "bat":  # K >= N: nothing merged, every token kept
+        for st in res.stats:
+            st.setdefault("attention_indices", list(range(st["kept"])))
+    return res, ms
 
 
 def _flat_tokens(model, state, clip, attn):
@@ -118,10 +135,10 @@ def _flat_tokens(model, state, clip, attn):
     projector = model.get_model().mm_projector
     vision = cfg.feature_space == "vision"
     proj = None if vision else projector(clip)
-    res = _select(cfg, clip if vision else proj, attn, clip, cfg.keep)
+    res, ms = _select(cfg, clip if vision else proj, attn, clip, cfg.keep)
     feats, stats = [], []
     for b in range(clip.shape[0]):
-        st = dict(res.stats[b])
+        st = dict(res.stats[b], prune_ms=ms / clip.shape[0])  # one batched call: its mean
         if res.indices is None:
             f = projector(res.features[b]) if vision else res.features[b]
         else:
@@ -151,10 +168,10 @@ def _image_tokens(model, cfg, clip, attn, proj, image_size):
         side = model.get_vision_tower().num_patches_per_side
         layout = grid_layout(model, image_size, n - 1, side, device=attn.device)
     if cfg.method in MERGING:
-        res = _select(cfg, space, attn, clip, cfg.keep)
+        res, ms = _select(cfg, space, attn, clip, cfg.keep)
         f = res.features[0]
         f = model.get_model().mm_projector(f) if cfg.feature_space == "vision" else f
-        st = dict(res.stats[0], crops=1, kept=int(f.shape[0]))
+        st = dict(res.stats[0], crops=1, kept=int(f.shape[0]), prune_ms=ms)
         if newline is not None and spatial:
             f = torch.cat([f, newline[None].to(f)])
         return f, dict(st, tokens=int(f.shape[0]))
@@ -163,11 +180,11 @@ def _image_tokens(model, cfg, clip, attn, proj, image_size):
     mode = cfg.anyres_mode if n > 1 else "per_crop"
     extra = {}
     if mode == "shared":
-        res = _select(cfg, space[:1], attn[:1], clip[:1], cfg.keep)
+        res, ms = _select(cfg, space[:1], attn[:1], clip[:1], cfg.keep)
         mask[:, res.indices[0]] = True
         st = res.stats[0]
     elif mode == "per_crop":
-        res = _select(cfg, space, attn, clip, cfg.keep)
+        res, ms = _select(cfg, space, attn, clip, cfg.keep)
         for c in range(n):
             mask[c, res.indices[c]] = True
         st = res.stats[0]
@@ -182,8 +199,8 @@ def _image_tokens(model, cfg, clip, attn, proj, image_size):
         else:
             crop = torch.arange(n, device=dev).repeat_interleave(N)
             patch = torch.arange(N, device=dev).repeat(n)
-        res = _select(cfg, space[crop, patch][None], attn[crop, patch][None],
-                      clip[crop, patch][None], cfg.keep)
+        res, ms = _select(cfg, space[crop, patch][None], attn[crop, patch][None],
+                          clip[crop, patch][None], cfg.keep)
         idx = res.indices[0]
         mask[crop[idx], patch[idx]] = True
         st = res.stats[0]
@@ -196,7 +213,7 @@ def _image_tokens(model, cfg, clip, attn, proj, image_size):
             tokens = torch.cat([tokens, newline[None].to(tokens)])
     kept = int(fed.sum())
     indices = [fed[c].nonzero().flatten().tolist() for c in range(n)]
-    st = dict(st, **extra, crops=n, mode=mode if n > 1 else None, kept=kept,
+    st = dict(st, **extra, crops=n, mode=mode if n > 1 else None, kept=kept, prune_ms=ms,
               tokens=int(tokens.shape[0]), newlines=int(tokens.shape[0]) - kept,
               indices=indices[0] if n == 1 else indices)
     return tokens, st
@@ -278,7 +295,8 @@ def enable(model, method="adaptive", keep: int | None = None, *, feature_space: 
 
     `enable(model, "adaptive", 64, erank_avg=95)`, or `enable(model, PruneConfig(...))` / a dict.
     After it, LLaVA's unchanged code feeds K tokens per image (per crop for LLaVA-NeXT in the
-    shared / per_crop modes) to the LLM; `model.agile_stats` describes the last call's images.
+    shared / per_crop modes) to the LLM; `model.agile_stats` describes the last call's images
+    (one dict each; `prune_ms`: milliseconds spent in `llava_agile.prune` for that image).
     """
     compat.check_transformers()
     cfg = as_config(method, keep, feature_space, anyres_mode, **params)
@@ -316,7 +334,8 @@ def disable(model):
 def load_pretrained_model(model_path, model_base=None, model_name=None, *args, pruning=None,
                           **kwargs):
     """LLaVA's `load_pretrained_model` (same arguments and return value), then `enable` when
-    `pruning` (a PruneConfig or a dict) is given."""
+    `pruning` (a PruneConfig or a dict) is given. DINOv2 conversions load with their identity
+    `pre_layrnorm` (`assets.dinov2.install_identity_pre_layrnorm_hook`)."""
     if not isinstance(pruning, (PruneConfig, dict, type(None))):
         raise ValueError(f"pruning must be a PruneConfig, a dict or None, got "
                          f"{type(pruning).__name__} {pruning!r}")
@@ -324,6 +343,9 @@ def load_pretrained_model(model_path, model_base=None, model_name=None, *args, p
     from llava.mm_utils import get_model_name_from_path
     from llava.model.builder import load_pretrained_model as llava_load
 
+    from ..assets.dinov2 import install_identity_pre_layrnorm_hook
+
+    install_identity_pre_layrnorm_hook()
     if model_name is None:
         model_name = get_model_name_from_path(model_path)
     tokenizer, model, image_processor, context_len = llava_load(model_path, model_base,

@@ -92,9 +92,11 @@ def bat(x: torch.Tensor, a: torch.Tensor, k: int, similarity_features=None, bat_
     """BAT: keep R*K attentive tokens; merge the rest into K - R*K clusters (DPC-KNN).
 
     Returns features `[K, D]`: kept tokens in raster order, then one attention-weighted mean
-    per cluster, clusters ordered by their centre's index (ours).
+    per cluster, clusters ordered by their centre's index (ours). Stats name the attention-kept
+    tokens (`attention_indices`).
     """
     important, rest, n_clusters, stats = _split(x, a, k, ratio_args)
+    stats["attention_indices"] = sorted(important.tolist())
     kept = x[torch.sort(important).values]
     if n_clusters == 0:
         return kept, stats
