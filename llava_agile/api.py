@@ -70,17 +70,16 @@ def _check_inputs(features, cls_attn, keep, method, params):
 
 def _run(feats, attn, keep, method, params, with_stats=True):
     """Per image: (selected indices or merged features, method stats)."""
+    n = feats.shape[1]
+    if keep >= n and not params.get("adaptive_count"):  # every method keeps every token
+        return [(torch.arange(n, device=feats.device), {}) for _ in range(feats.shape[0])]
     batch = backend.batch_implementation(method, feats.device)  # C++/CUDA extension, whole batch
     if batch is not None:
         return batch(feats, attn, keep, params, with_stats)
     impl = backend.implementation(method, feats.device)
     sim = params.pop("similarity_features", None)
-    n = feats.shape[1]
     out = []
     for b in range(feats.shape[0]):
-        if keep >= n and not params.get("adaptive_count"):
-            out.append((torch.arange(n, device=feats.device), {}))
-            continue
         extra = {} if sim is None else {"similarity_features": (sim if sim.dim() == 3 else sim[None])[b]}
         res, stats = impl(feats[b], attn[b], keep, **params, **extra)
         if method not in MERGING:

@@ -104,16 +104,10 @@ def batch_implementation(method: str, device: torch.device):
     return _BATCH[method] if use_ext(method, device) else None
 
 
-# --- extension wrappers: same results and per-image stats as the reference ---------------------
-
-def _all_tokens(feats):
-    n = feats.shape[1]
-    return [(torch.arange(n, device=feats.device), {}) for _ in range(feats.shape[0])]
-
+# --- extension wrappers: same results and per-image stats as the reference (keep < N; api._run
+# handles keep >= N for every method) ---------------------------------------------------------
 
 def _adaptive(feats, attn, keep, params, with_stats):
-    if keep >= feats.shape[1] and not params["adaptive_count"]:
-        return _all_tokens(feats)
     entropy_signal = params["complexity"] == "entropy"
     idx, counts, eranks, entropies, walked, lo, hi = _C.adaptive(
         feats, attn, keep, erank_avg=float(params["erank_avg"]),
@@ -143,8 +137,6 @@ def _adaptive(feats, attn, keep, params, with_stats):
 
 def _maxmin(fps: bool):
     def run(feats, attn, keep, params, with_stats):
-        if keep >= feats.shape[1]:
-            return _all_tokens(feats)
         idx = _C.maxmin(feats, attn, keep, fps=fps)
         return [(row, {}) for row in idx.to(feats.device)]
     return run
