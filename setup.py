@@ -1,21 +1,58 @@
 """Build llava_agile and its C++/CUDA extension `llava_agile._C` (docs/extension.md).
 
-Install with `pip install -e . --no-build-isolation`: the extension must compile against the torch
-already installed (an isolated build would fetch another torch). CUDA kernels are built when torch
-is a CUDA build and nvcc is found (no GPU needed); LLAVA_AGILE_CUDA=0 forces a CPU-only build,
-LLAVA_AGILE_CUDA=1 requires the CUDA kernels.
+Install torch first, then `pip install -e .` (or `pip install .`; `--no-build-isolation` works too).
+The extension compiles against the torch installed in the environment being installed into, whose
+C++ ABI it links to; pyproject.toml never lists torch, so no second torch is downloaded. CUDA
+kernels are built when torch is a CUDA build and nvcc is found (no GPU needed); LLAVA_AGILE_CUDA=0
+forces a CPU-only build, LLAVA_AGILE_CUDA=1 requires the CUDA kernels.
 """
 import os
+import re
+import site
 import sys
 
 from setuptools import find_packages, setup
 
-try:
-    import torch
-    from torch.utils import cpp_extension
-except ImportError:  # pragma: no cover - message for an isolated or torch-less build
-    sys.exit("llava_agile: building the extension needs the installed torch; install torch first and "
-             "run `pip install -e . --no-build-isolation` (see docs/extension.md)")
+
+def import_installed_torch():
+    """torch of the environment being installed into, also under pip's build isolation.
+
+    pip (23.x-26.x, default isolation) runs this file with that environment's interpreter but
+    hides its site-packages: its sitecustomize drops site.getsitepackages() from sys.path and
+    sets PYTHONNOUSERSITE. Append those directories again, after the build environment's (whose
+    setuptools keeps precedence), so `import torch` finds the installed torch.
+    """
+    try:
+        import torch
+        return torch
+    except ModuleNotFoundError as e:
+        if e.name != "torch":
+            raise
+    dirs = site.getsitepackages()
+    if sys.prefix == sys.base_prefix:  # not a venv: a `pip install --user` torch counts too
+        dirs = [site.getusersitepackages()] + dirs
+    for d in dirs:
+        if os.path.isdir(d):
+            site.addsitedir(d)  # appends d and the paths of its .pth files
+    try:
+        import torch
+        return torch
+    except ModuleNotFoundError as e:
+        if e.name != "torch":
+            raise
+    # a throw-away build venv (pip --use-feature=venv-isolation, python -m build, uv) shows nothing
+    # of the environment the result goes to
+    if sys.prefix != sys.base_prefix and re.search(r"build-env-|builds-v\d", sys.prefix):
+        sys.exit(f"llava_agile: this build runs in a separate environment ({sys.prefix}) that "
+                 f"cannot see the torch the extension must compile against. Build in the "
+                 f"environment that has torch: `pip install --no-build-isolation -e .`")
+    sys.exit(f"llava_agile: torch is not installed in {sys.prefix}. The extension compiles "
+             f"against the installed torch, so install it first: `pip install torch` (the CPU or "
+             f"CUDA build you will run), then `pip install -e .` again.")
+
+
+torch = import_installed_torch()
+from torch.utils import cpp_extension  # noqa: E402
 
 CPP = os.path.join("cpp")
 CXX_FLAGS = ["-O3", "-ffp-contract=off"]  # no FMA contraction: thresholds must round as in Python
@@ -61,12 +98,39 @@ def extensions():
                             "nvcc": NVCC_FLAGS + ["-DWITH_CUDA=1"]})]
 
 
+class BuildExt(cpp_extension.BuildExtension):
+    """torch's BuildExtension. LLAVA_AGILE_BUILD_TEMP=<dir> keeps the object files there across
+    builds (an editable build otherwise compiles in a fresh temp dir): ninja recompiles only what
+    changed, and the extension is always relinked against the installed torch."""
+
+    def finalize_options(self):
+        keep = os.environ.get("LLAVA_AGILE_BUILD_TEMP")
+        if keep:
+            self.build_temp, self.force = os.path.abspath(keep), True
+        super().finalize_options()
+
+
+def requirements(name):
+    """The pins of a requirements file beside this one ([] where an sdist left it out)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [r for r in (line.split("#")[0].strip() for line in f) if r]
+
+
 setup(
     name="llava_agile",
     version="0.1.0",
     packages=find_packages(include=["llava_agile", "llava_agile.*"]),
     python_requires=">=3.10",
     ext_modules=extensions(),
-    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    cmdclass={"build_ext": BuildExt},
     zip_safe=False,
+    # `--model llava_agile` in lmms-eval (llava_agile/lmms/); lmms-eval itself: pip install --no-deps
+    entry_points={"lmms_eval.models": ["llava_agile = llava_agile.lmms:manifests"]},
+    # `pip install -e .[hf]`: transformers' LLaVA / LLaVA-NeXT classes (llava_agile.hf), tested
+    # on 4.57.6 and 5.24.0 (requirements-hf*.txt); versions in between run with a warning
+    extras_require={"hf": ["transformers>=4.57,<5.25", "sentencepiece", "protobuf"],
+                    "lmms": requirements("requirements-lmms.txt")},
 )

@@ -2,10 +2,12 @@
 from .api import PruneResult, prune, select_tokens
 from .backend import ext_available, set_backend
 from .config import PruneConfig
-from .llava import disable, enable, load_pretrained_model
+from .adapters import disable, enable, generate
+from .llava import load_pretrained_model
 from .methods import METHODS
 from .metrics import attention_entropy, erank
 
 __all__ = ["select_tokens", "prune", "erank", "attention_entropy", "METHODS", "PruneConfig",
-           "PruneResult", "ext_available", "set_backend", "enable", "disable", "load_pretrained_model"]
+           "PruneResult", "ext_available", "set_backend", "enable", "disable", "generate",
+           "load_pretrained_model"]
 __version__ = "0.1.0"

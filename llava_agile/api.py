@@ -9,6 +9,8 @@ from . import backend
 from .config import check_keep, check_method, check_params
 from .methods import MERGING
 
+PER_TOKEN = ("similarity_features", "keys")  # tensor parameters with one row per token
+
 
 def _check_finite(name: str, t: torch.Tensor) -> None:
     # one aminmax pass (NaN propagates): ~40x cheaper than isfinite(t).all() on 576 x 4096
@@ -59,12 +61,22 @@ def _check_inputs(features, cls_attn, keep, method, params):
         want = "[N]" if features.dim() == 2 else "[B, N]"
         raise ValueError(f"cls_attn shape {tuple(cls_attn.shape)} does not match features shape "
                          f"{tuple(features.shape)}: expected {want} = {tuple(feats.shape[:2]) if features.dim() == 3 else (feats.shape[1],)}")
-    sim = params.get("similarity_features")
-    if sim is not None:
-        sim3 = check_features(sim, "similarity_features")
-        if sim.dim() != features.dim() or sim3.shape[:2] != feats.shape[:2]:
-            raise ValueError(f"similarity_features shape {tuple(sim.shape)} must match features "
-                             f"{tuple(features.shape)} in every dimension but the last")
+    for name in PER_TOKEN:  # vispruner/bat's similarity features, visionzip's keys
+        extra = params.get(name)
+        if extra is not None:
+            extra3 = check_features(extra, name)
+            if extra.dim() != features.dim() or extra3.shape[:2] != feats.shape[:2]:
+                raise ValueError(f"{name} shape {tuple(extra.shape)} must match features "
+                                 f"{tuple(features.shape)} in every dimension but the last")
+    cls = params.get("cls_token")  # visionzip: one [CLS] feature per image, in x's space
+    if cls is not None:
+        want = tuple(features.shape[:-2]) + (feats.shape[2],)
+        if not isinstance(cls, torch.Tensor) or not cls.is_floating_point() \
+                or tuple(cls.shape) != want:
+            raise ValueError(f"cls_token must be a float tensor of shape {want} (one [CLS] "
+                             f"feature per image, in the features' space), got "
+                             f"{tuple(cls.shape) if isinstance(cls, torch.Tensor) else type(cls).__name__}")
+        _check_finite("cls_token", cls)
     return feats, attn, keep, params
 
 
@@ -77,10 +89,13 @@ def _run(feats, attn, keep, method, params, with_stats=True):
     if batch is not None:
         return batch(feats, attn, keep, params, with_stats)
     impl = backend.implementation(method, feats.device)
-    sim = params.pop("similarity_features", None)
+    per_token = {name: params.pop(name) for name in PER_TOKEN if params.get(name) is not None}
+    cls = params.pop("cls_token", None)
     out = []
     for b in range(feats.shape[0]):
-        extra = {} if sim is None else {"similarity_features": (sim if sim.dim() == 3 else sim[None])[b]}
+        extra = {name: (t if t.dim() == 3 else t[None])[b] for name, t in per_token.items()}
+        if cls is not None:
+            extra["cls_token"] = (cls if cls.dim() == 2 else cls[None])[b]
         res, stats = impl(feats[b], attn[b], keep, **params, **extra)
         if method not in MERGING:
             res = torch.sort(res.to(torch.long)).values
@@ -119,7 +134,9 @@ def prune(features: torch.Tensor, cls_attn: torch.Tensor, keep: int, method: str
     """Prune visual tokens with any method; returns the kept (or merged) features and stats.
 
     With `stats=True` every image's full-token erank and attention entropy are measured
-    (`center` as the method's, default True) even when the method itself does not need them.
+    (`center` as the method's, default True) even when the method itself does not need them;
+    with `stats=False` each image's stats hold `kept` and what the method computed anyway
+    (adaptive's erank and thresholds, a hybrid's ratio and, for a non-fixed ratio rule, erank).
     """
     from .metrics import entropy_of, erank_from_singular_values, singular_values
 
@@ -132,7 +149,7 @@ def prune(features: torch.Tensor, cls_attn: torch.Tensor, keep: int, method: str
             out_feats.append(res)
             out_idx.append(None)
         else:
-            out_feats.append(feats[b, res])
+            out_feats.append(feats[b].index_select(0, res))  # ~6x cheaper than feats[b, res]
             out_idx.append(res)
         st = dict(st, kept=int(out_feats[-1].shape[0]))
         if stats:
@@ -146,7 +163,9 @@ def prune(features: torch.Tensor, cls_attn: torch.Tensor, keep: int, method: str
     def pack(items):
         if features.dim() == 2:
             return items[0]
-        return items if variable else torch.stack(items)
+        if variable:
+            return items
+        return items[0][None] if len(items) == 1 else torch.stack(items)  # B = 1: no copy
 
     return PruneResult(features=pack(out_feats), indices=None if merged else pack(out_idx),
                        stats=out_stats)

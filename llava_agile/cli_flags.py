@@ -24,7 +24,8 @@ def add_pruning_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                        help=f"visual tokens kept per image (default {KEEP_DEFAULT})")
     group.add_argument("--pruning-args", default=None, metavar="KEY=VALUE,...",
                        help="method parameters, e.g. erank_avg=95,tau_max=0.3; also "
-                            "feature_space=projected|vision, anyres_mode=shared|per_crop|global")
+                            "feature_space=projected|vision, anyres_mode=shared|per_crop|global, "
+                            "stats=basic|full (full: also each image's erank and entropy)")
     group.add_argument("--erank-avg-file", default=None, metavar="FILE",
                        help="calibration JSON giving erank_avg (adaptive and the hybrids)")
     return parser

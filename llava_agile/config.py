@@ -14,6 +14,7 @@ POSITIVE = ("erank_avg", "entropy_avg")
 NON_NEGATIVE = ("tau_step", "tau_max", "tau", "ratio_slope")
 UNIT_INTERVAL = ("ratio", "ratio_min", "ratio_max")
 BOOLS = ("center", "adaptive_count")
+STATS = ("basic", "full")  # PruneConfig.stats: what model.agile_stats reports
 
 
 def check_keep(keep: Any) -> int:
@@ -61,6 +62,10 @@ def check_params(method: str, params: dict) -> dict:
                     or (name == "bat_knn" and value < 1):
                 raise ValueError(f"{name} must be an integer{' >= 1' if name == 'bat_knn' else ''}, "
                                  f"got {value!r}")
+        if name == "contextual" and value is not None and (
+                isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0):
+            raise ValueError(f"contextual must be an integer >= 0 (visionzip's merged tokens) or "
+                             f"None (round(keep * 10 / 64)), got {value!r}")
     if "ratio_min" in full and full["ratio_min"] > full["ratio_max"]:
         raise ValueError(f"ratio_min ({full['ratio_min']}) must not exceed ratio_max "
                          f"({full['ratio_max']})")
@@ -114,24 +119,35 @@ class PruneConfig:
     """Which method, how many tokens, and the method's parameters (validated on creation).
 
     LLaVA-side options: `feature_space` ("projected": the paper's choice, or "vision": the
-    pre-projector CLIP features) and `anyres_mode` ("shared", "per_crop", "global") for LLaVA-NeXT.
+    pre-projector CLIP features; default: "vision" for visionzip, whose official code merges
+    CLIP features, "projected" for every other method) and `anyres_mode` ("shared", "per_crop",
+    "global") for LLaVA-NeXT.
+    `stats`: what `model.agile_stats` reports per image: "basic" (kept count, indices, time and
+    what the method computed anyway) or "full" (also the full-token erank and attention entropy,
+    an eigendecomposition per image: for analysis).
     """
     method: str = "adaptive"
     keep: int = 64
     params: dict = field(default_factory=dict)
-    feature_space: str = "projected"
+    feature_space: str | None = None  # None: the method's default (see above)
     anyres_mode: str = "shared"
+    stats: str = "basic"
 
     def __post_init__(self):
         check_method(self.method)
         self.keep = check_keep(self.keep)
         self.params = dict(self.params)
         check_params(self.method, self.params)
+        if self.feature_space is None:
+            self.feature_space = "vision" if self.method == "visionzip" else "projected"
         if self.feature_space not in ("projected", "vision"):
             raise ValueError(f"feature_space must be 'projected' or 'vision', got {self.feature_space!r}")
         if self.anyres_mode not in ("shared", "per_crop", "global"):
             raise ValueError(f"anyres_mode must be 'shared', 'per_crop' or 'global', "
                              f"got {self.anyres_mode!r}")
+        if self.stats not in STATS:
+            raise ValueError(f"stats must be 'basic' (kept tokens, indices, time) or 'full' (also "
+                             f"the full-token erank and entropy), got {self.stats!r}")
 
     @classmethod
     def from_args(cls, method: str = "adaptive", keep: int = 64,
@@ -144,11 +160,12 @@ class PruneConfig:
             if "erank_avg" not in REGISTRY[check_method(method)][1]:
                 raise ValueError(f"--erank-avg-file: method {method!r} does not use erank_avg")
             params.setdefault("erank_avg", load_erank_avg(erank_avg_file))
-        for key in ("feature_space", "anyres_mode"):
+        for key in ("feature_space", "anyres_mode", "stats"):
             if key in params:
                 kwargs.setdefault(key, params.pop(key))
         return cls(method=method, keep=keep, params=params, **kwargs)
 
     def to_dict(self) -> dict:
         return {"method": self.method, "keep": self.keep, "params": dict(self.params),
-                "feature_space": self.feature_space, "anyres_mode": self.anyres_mode}
+                "feature_space": self.feature_space, "anyres_mode": self.anyres_mode,
+                "stats": self.stats}

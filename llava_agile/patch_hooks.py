@@ -98,9 +98,12 @@ def log_generate(model, stats_file: str | None, max_new_tokens: int | None = Non
 def set_fastervlm_pruning(model, pruning) -> None:
     """Make FasterVLM's `encode_images` select with llava_agile instead of its top-K attention."""
     config = None if pruning is None else as_config(pruning)
-    if config is not None and config.method == "bat":
-        raise ValueError("method 'bat' merges tokens, which FasterVLM's keep-mask path cannot "
-                         "express; use the LLaVA tree (patches/ or llava_agile.run) for bat")
+    from .methods import MERGING
+
+    if config is not None and config.method in MERGING:
+        raise ValueError(f"method {config.method!r} merges tokens, which FasterVLM's keep-mask "
+                         f"path cannot express; use the LLaVA tree (patches/ or llava_agile.run) "
+                         f"for {config.method}")
     model.agile_pruning = config
 
 
@@ -121,7 +124,8 @@ def fastervlm_encode(model, image_features: torch.Tensor, image_attentions: torc
     params = dict(config.params)
     if "similarity_features" in REGISTRY[config.method][1]:  # vispruner: CLIP-space similarity
         params["similarity_features"] = image_features.float()
-    result = prune(space.float(), attn.float(), config.keep, config.method, **params)
+    result = prune(space.float(), attn.float(), config.keep, config.method,
+                   stats=config.stats == "full", **params)
     masks = torch.zeros(attn.shape, dtype=torch.bool, device=attn.device)
     for b, idx in enumerate(result.indices):
         masks[b, idx.to(attn.device)] = True

@@ -1,15 +1,16 @@
 """Independent float64 brute-force versions of every method and metric, written from SPEC §2-4.
 
 Naive loops over tokens on numpy float64 arrays; nothing here imports llava_agile. Every method
-returns `(result, info)`: `result` is the sorted list of kept indices (or, for `bat`, a `[K, D]`
-array), `info["margin"]` the smallest gap of any decision the method took (distance vs. its
-threshold, best vs. runner-up score, ...). A case whose margin is below a tolerance is
-*ambiguous*: round-off in another implementation may legitimately decide it the other way.
+returns `(result, info)`: `result` is the sorted list of kept indices (or, for the merging
+`bat` and `visionzip`, a `[K, D]` array), `info["margin"]` the smallest gap of any decision
+the method took (distance vs. its threshold, best vs. runner-up score, ...). A case whose
+margin is below a tolerance is *ambiguous*: round-off in another implementation may
+legitimately decide it the other way.
 
 Conventions from SPEC and the project's documented choices (marked "(ours)" there):
 attention ties -> lower index first; round() rounds halves up; erank of a zero matrix is 1;
-max-min ties -> lower index; vispruner drops min(8, excess, |A|) per round, survivors keep
-attention order, ties drop the earlier A token; bat as described in `bat` below.
+max-min ties -> lower index; vispruner as described in `vispruner` below (VisPruner's
+official code); bat as described in `bat` below.
 `random` has no brute force (a seeded generator: only its determinism is specified).
 """
 from __future__ import annotations
@@ -233,23 +234,70 @@ def _split(x, a, k, ratio_args):
     return r, k_att, order, margin
 
 
+def floor_count(x, k, ratio_args):
+    """VisPruner's int(K * R) (a floor) and the margin of that count against erank round-off.
+
+    R moves by at most ERANK_RTOL * slope * erank / erank_avg; a clipped R is the bound
+    exactly, whatever the erank's last digits.
+    """
+    r = effective_ratio(x, **ratio_args)
+    count = min(int(k * r), k)
+    rule = ratio_args.get("ratio_rule", "fixed")
+    if rule == "fixed":
+        return r, count, INF
+    slope = ratio_args.get("ratio_slope", 0.5)
+    e_rel = erank(x, ratio_args.get("center", True)) / ratio_args.get("erank_avg", 90.0)
+    slack = ERANK_RTOL * slope * e_rel
+    sign = -1.0 if rule == "adaptive" else 1.0
+    free = ratio_args.get("ratio", 0.5) + sign * slope * (e_rel - 1.0)
+    if free < ratio_args.get("ratio_min", 0.0) - slack or \
+            free > ratio_args.get("ratio_max", 1.0) + slack:
+        return r, count, INF
+    v = k * r
+    return r, count, min(v - math.floor(v), math.ceil(v) - v) - slack * k
+
+
 def vispruner(x, a, k, similarity_features=None, **ratio_args):
+    """VisPruner, read from Theia-4869/VisPruner llava/model/llava_arch.py `encode_images`.
+
+    K_imp = int(K * R) tokens of largest attention (ties: lower index) are kept; K_div = K - K_imp.
+    The others, by descending attention, form a list L. While r = min(8, len(L) - K_div) > 0:
+    A = L[0], L[2], ...; B = L[1], L[3], ...; score(A_i) = max_j cos(A_i, B_j) of the
+    similarity features (default x; norms floored at 1e-8); A ranked by descending score (ties:
+    earlier in A first); the first r of the ranking are dropped and L = (the rest of A in
+    ranking order) + (B in its order). When A has fewer than r tokens all of A is dropped;
+    an odd list drops exactly r (ours: the official indexing fails or miscounts there).
+    K_div = 0: the K_imp tokens only. info["short_rounds"] counts the rounds where A had fewer
+    than r tokens. Margin: the score gap at the drop boundary and, when another round follows,
+    between every two neighbours of the kept part of the ranking (their order makes the next
+    A/B split).
+    """
     n = len(a)
     k = min(k, n)
-    r, k_att, order, margin = _split(x, a, k, ratio_args)
-    important, cand, k_div = order[:k_att], order[k_att:], k - k_att
-    sim = 1.0 - cosine_distance_matrix(x if similarity_features is None else similarity_features)
-    while len(cand) > k_div and k_div > 0:
+    r_eff, k_imp, margin = floor_count(x, k, ratio_args)
+    order = attention_order(a)
+    important, cand, k_div = order[:k_imp], order[k_imp:], k - k_imp
+    sx = np.asarray(x if similarity_features is None else similarity_features, dtype=np.float64)
+    norms = [max(math.sqrt(float(np.dot(v, v))), NORM_FLOOR) for v in sx]
+    cos = [[0.0] * n for _ in range(n)]
+    for i in cand:
+        for j in cand:
+            if i <= j:
+                cos[i][j] = cos[j][i] = float(np.dot(sx[i], sx[j])) / (norms[i] * norms[j])
+    short_rounds = 0
+    while k_div > 0 and min(VISPRUNER_STEP, len(cand) - k_div) > 0:
+        r = min(VISPRUNER_STEP, len(cand) - k_div)
         part_a, part_b = cand[0::2], cand[1::2]
-        drop = min(VISPRUNER_STEP, len(cand) - k_div, len(part_a))
-        score = [max(sim[i, j] for j in part_b) for i in part_a]
+        short_rounds += len(part_a) < r
+        score = [max(cos[i][j] for j in part_b) for i in part_a]
         ranked = sorted(range(len(part_a)), key=lambda p: (-score[p], p))
-        if drop < len(part_a):
-            margin = min(margin, abs(score[ranked[drop - 1]] - score[ranked[drop]]))
-        dropped = {part_a[p] for p in ranked[:drop]}
-        cand = [i for i in cand if i not in dropped]
+        survivors = ranked[r:]
+        more = len(survivors) + len(part_b) > k_div  # another round reads the order
+        for pos in range(r, len(ranked) if more else min(r + 1, len(ranked))):
+            margin = min(margin, abs(score[ranked[pos - 1]] - score[ranked[pos]]))
+        cand = [part_a[p] for p in survivors] + part_b
     kept = important + (cand if k_div > 0 else [])
-    return sorted(kept), dict(margin=margin, ratio=r)
+    return sorted(kept), dict(margin=margin, ratio=r_eff, short_rounds=short_rounds)
 
 
 def mix(x, a, k, **ratio_args):
@@ -328,8 +376,52 @@ def bat(x, a, k, similarity_features=None, bat_knn=5, **ratio_args):
     return np.array(kept + merged), dict(margin=margin, ratio=r)
 
 
+def visionzip(x, a, k, keys=None, contextual=None, cls_token=None):
+    """VisionZip as dvlab-research/VisionZip's CLIPVisionTower_VisionZip.forward, on patches.
+
+    C = contextual, or round(K * 10 / 64) (54 + 10 at K = 64); the K - C patches of largest
+    attention (ties: lower index) are dominant, or, given `cls_token` (and K > C), that token
+    first and K - C - 1 patches; the other M patches, ascending, give the
+    targets at positions 0, s, 2s, ... (s = max(1, M // C), the first C); every other one joins
+    the target of largest cosine similarity of the keys (default x; norms floored at 1e-8; ties:
+    the first target); contextual token = target + mean of what joined it (target alone if
+    nothing did). Output: dominant ascending, then contextual by target. keep >= N: every
+    token in raster order. Margin: the smallest gap between a token's best and runner-up
+    target similarity.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    n = len(a)
+    if k >= n:
+        return x.copy(), dict(margin=INF)
+    c = round_half_up(k * 10 / 64) if contextual is None else contextual
+    head = [np.asarray(cls_token, dtype=np.float64)] if cls_token is not None and k > c else []
+    dominant = sorted(attention_order(a)[:k - c - len(head)])
+    rest = [i for i in range(n) if i not in dominant]
+    info = dict(margin=INF, attention_indices=dominant, target_indices=[], contextual=c)
+    if c == 0:
+        return np.array(head + [x[i] for i in dominant]).reshape(k, x.shape[1]), info
+    step = max(1, len(rest) // c)
+    positions = list(range(0, len(rest), step))[:c]
+    targets = [rest[p] for p in positions]
+    others = [rest[p] for p in range(len(rest)) if p not in positions]
+    kx = x if keys is None else np.asarray(keys, dtype=np.float64)
+    unit = [kx[i] / max(math.sqrt(float(np.dot(kx[i], kx[i]))), NORM_FLOOR) for i in range(n)]
+    members = {t: [] for t in targets}
+    for i in others:
+        best, gap = _pick_max({j: float(np.dot(unit[i], unit[t])) for j, t in enumerate(targets)})
+        info["margin"] = min(info["margin"], gap)
+        members[targets[best]].append(i)
+    ctx = []
+    for t in targets:
+        joined = members[t]
+        ctx.append(x[t] + (sum(x[i] for i in joined) / len(joined) if joined else 0.0))
+    info["target_indices"] = targets
+    return np.array(head + [x[i] for i in dominant] + ctx), info
+
+
 METHODS = dict(adaptive=adaptive, attention=attention, diversity=diversity, fps=fps,
-               vispruner=vispruner, bat=bat, mix=mix, none=none)
+               vispruner=vispruner, bat=bat, mix=mix, none=none,
+               visionzip=visionzip)
 
 
 # ---------------------------------------------------------------- test data

@@ -35,6 +35,7 @@ def instrument(model, records):
                         else str(kwargs["images"].dtype)})
         out = generate(inputs, *args, **kwargs)
         records[-1]["kept"] = [s.get("kept") for s in getattr(model, "agile_stats", None) or []]
+        records[-1]["stat_keys"] = [sorted(s) for s in getattr(model, "agile_stats", None) or []]
         return out
 
     model.generate = probed_generate

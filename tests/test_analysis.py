@@ -86,10 +86,11 @@ def test_analyze_writes_one_record_per_image(analyzed):
             k = N if x["method"] == "none" else x["keep"]
             assert x["kept"] == k and x["prune_ms"] > 0
             assert 1 <= x["retained_erank"] <= k
-            if x["method"] == "bat":
+            if x["method"] in ("bat", "visionzip"):
                 assert x["indices"] is None          # merged tokens have no grid position
                 ai = x["attention_indices"]          # ... but those kept by attention have
-                assert ai == sorted(set(ai)) and len(ai) == k // 2 and ai[-1] < N
+                n_att = k // 2 if x["method"] == "bat" else {16: 12, 32: 26}[k]  # K - C - CLS
+                assert ai == sorted(set(ai)) and len(ai) == n_att and ai[-1] < N
             else:
                 assert x["indices"] == sorted(set(x["indices"])) and len(x["indices"]) == k
                 assert 0 <= x["indices"][0] and x["indices"][-1] < N
@@ -149,14 +150,13 @@ def test_measurements_match_an_independent_forward(data, loaded):
     for space, ref in (("vision", feats), ("projected", proj)):
         rec = measure_image(m, item, make_configs(["attention", "none"], [16],
                                                   feature_space=space))
-        # 576 tokens in 64 dims: the float32 Gram route of llava_agile.metrics is only good to
-        # ~1e-2 here (round-off eigenvalues; see the report); K=16 < 64 below is exact
-        assert rec["erank"] == pytest.approx(float(erank(ref.double())), rel=2e-2)
+        # measurements are float64 (svdvals) on the same float32 features: equal on any CPU
+        assert rec["erank"] == pytest.approx(float(erank(ref.double())), rel=1e-9)
         assert rec["entropy"] == pytest.approx(float(attention_entropy(row)), rel=1e-4)
         att = rec["runs"][0]
         top = sorted(torch.topk(row, 16).indices.tolist())
         assert att["indices"] == top
-        assert att["retained_erank"] == pytest.approx(float(erank(ref[top].double())), rel=1e-4)
+        assert att["retained_erank"] == pytest.approx(float(erank(ref[top].double())), rel=1e-9)
 
 
 def test_analyze_resumes_and_refuses_other_settings(data, analyzed, capsys):
@@ -263,8 +263,8 @@ def test_visualize_writes_one_png(data, capsys):
     (["analyze", "--images", "{images}", "--keep", "0"], "keep must be >= 1"),
     (["calibrate", "--images", "{images}", "--limit", "0"], "--limit must be >= 1"),
     (["visualize", "{root}/nothing.png"], "image not found"),
-    (["analyze", "--images", "{images}", "--model-path", "/nonexistent/llava"],
-     "model folder not found"),
+    (["analyze", "--images", "{images}", "--model-path", "/nonexistent/llava", "--out",
+      "{root}/no-model"], "model folder not found"),
 ])
 def test_bad_input_is_one_error_line(data, capsys, argv, message):
     (data["root"] / "bad.jsonl").write_text('{"question_id": 1, "image": "gone.png"}\n')

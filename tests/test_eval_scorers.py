@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import openpyxl
 import pytest
 import torch
 
@@ -23,6 +24,7 @@ torch.set_num_threads(1)
 from conftest import EVAL_SAMPLES
 
 SAMPLES = EVAL_SAMPLES
+DATA = Path(__file__).resolve().parent / "data"  # a few real records that broke a scorer
 LLAVA_EVAL = Path(llava_m4c().__file__).parent
 ANS = {b: SAMPLES / f"{b}_answers_llava-v1.5-13b.jsonl" for b in ("gqa", "textvqa", "pope", "mme", "mmbench")}
 
@@ -158,24 +160,33 @@ def _pope_fixture(tmp_path):
     return qs, labels
 
 
-def test_pope_sample_matches_llava_eval_pope(tmp_path):
-    _pope_fixture(tmp_path)
-    r = score("pope", ANS["pope"], questions=str(SAMPLES / "pope_questions.jsonl"),
-              annotations=str(tmp_path / "coco"))
-    out = subprocess.run([sys.executable, str(LLAVA_EVAL / "eval_pope.py"), "--annotation-dir",
-                          str(tmp_path / "coco"), "--question-file", str(SAMPLES / "pope_questions.jsonl"),
-                          "--result-file", str(ANS["pope"])], capture_output=True, text=True, check=True).stdout
+def _llava_eval_pope(coco, questions, answers) -> dict:
+    """LLaVA's eval_pope.py on the files: {category: {metric: percent}}."""
+    out = subprocess.run([sys.executable, str(LLAVA_EVAL / "eval_pope.py"), "--annotation-dir", str(coco),
+                          "--question-file", str(questions), "--result-file", str(answers)],
+                         capture_output=True, text=True, check=True).stdout
     ref = {}
     for block in out.split("Category: ")[1:]:
         cat = block.split(",")[0]
         vals = dict(re.findall(r"^(Accuracy|Precision|Recall|F1 score|Yes ratio): ([\d.]+)$", block, re.M))
         ref[cat] = {k: 100 * float(v) for k, v in vals.items()}
+    return ref
+
+
+POPE_KEYS = [("Accuracy", "accuracy"), ("Precision", "precision"), ("Recall", "recall"), ("F1 score", "f1"),
+             ("Yes ratio", "yes_ratio")]
+
+
+def test_pope_sample_matches_llava_eval_pope(tmp_path):
+    _pope_fixture(tmp_path)
+    r = score("pope", ANS["pope"], questions=str(SAMPLES / "pope_questions.jsonl"),
+              annotations=str(tmp_path / "coco"))
+    ref = _llava_eval_pope(tmp_path / "coco", SAMPLES / "pope_questions.jsonl", ANS["pope"])
     assert set(ref) == {"adversarial", "popular", "random"}
     for cat, v in ref.items():
         c = r["categories"][cat]
         assert c["n"] == 20
-        for k, key in [("Accuracy", "accuracy"), ("Precision", "precision"), ("Recall", "recall"),
-                       ("F1 score", "f1"), ("Yes ratio", "yes_ratio")]:
+        for k, key in POPE_KEYS:
             assert c[key] == pytest.approx(v[k], abs=1e-6), (cat, k)
     assert r["f1"] == pytest.approx(sum(v["F1 score"] for v in ref.values()) / 3)
 
@@ -205,6 +216,39 @@ def test_pope_pairs_by_question_order_and_checks_alignment(tmp_path):
 def test_pope_needs_questions(tmp_path):
     with pytest.raises(ValueError, match="--questions"):
         score("pope", ANS["pope"], annotations=str(tmp_path))
+
+
+def _pope_real(root, version, n):
+    """The first n random-split questions of LLaVA's llava_pope_test.jsonl, LLaVA-1.5-13B's
+    answers, and the same lines of coco_pope_random.json of a POPE version (tests/data)."""
+    d = json.loads((DATA / "pope_head_vs_e3e39262.json").read_text())
+    qf = wjsonl(root / "llava_pope_test.jsonl", d["questions"][:n])
+    a = wjsonl(root / "answers.jsonl", d["answers"][:n])
+    wjsonl(root / "coco" / "coco_pope_random.json", d[f"labels_{version}"][:n])
+    return qf, a, root / "coco", d[f"labels_{version}"]
+
+
+def test_pope_real_label_versions(tmp_path):
+    """LLaVA's questions with AoiDragon/POPE's label files: e3e39262 (LLaVA's) matches line for line;
+    POPE's head fixed the 'imange' typo (line 11: matched by image and object, counted, same
+    numbers) and regenerated the random split (line 18 is another image: refused, naming the fix)."""
+    qf, a, coco, _ = _pope_real(tmp_path / "old", "e3e39262", 17)
+    old = score("pope", a, questions=str(qf), annotations=str(coco))
+    ref = _llava_eval_pope(coco, qf, a)["random"]
+    assert old["matched_by_image_object"] == 0 and old["n"] == 17
+    for k, key in POPE_KEYS:
+        assert old["categories"]["random"][key] == pytest.approx(ref[k], abs=1e-6), k
+    qf, a, coco, head = _pope_real(tmp_path / "head", "head", 17)
+    assert head[10]["text"] == "Is there an umbrella in the image?" and "imange" in read_jsonl(qf)[10]["text"]
+    new = score("pope", a, questions=str(qf), annotations=str(coco))
+    assert new["matched_by_image_object"] == new["categories"]["random"]["matched_by_image_object"] == 1
+    assert dict(new["categories"]["random"], matched_by_image_object=0) == old["categories"]["random"]
+    qf, a, coco, head = _pope_real(tmp_path / "head18", "head", 18)
+    with pytest.raises(ValueError, match=r"random: question 18 .*keep the question order.*commit e3e39262"):
+        score("pope", a, questions=str(qf), annotations=str(coco))
+    wjsonl(coco / "coco_pope_random.json", head[:17])
+    with pytest.raises(ValueError, match=r"18 questions but 17 labels .*AoiDragon/POPE commit e3e39262"):
+        score("pope", a, questions=str(qf), annotations=str(coco))
 
 
 # ---------------------------------------------------------------- MME
@@ -328,6 +372,39 @@ def test_sqa_sample_matches_llava_eval_science_qa(tmp_path):
         (mine["accuracy"], mine["img_accuracy"], 60, 28)
 
 
+def test_sqa_real_options_spanning_lines(tmp_path):
+    """Real CQM-A prompts whose option text spans lines (a letter's closing and name; an
+    ecosystem's list) stopped count_options. Counts agree with problems.json, predictions with
+    the per-problem results LLaVA's eval_science_qa.py recorded, scores with that script."""
+    d = json.loads((DATA / "sqa_multiline_options.json").read_text())
+    n = {q["id"]: sqa.count_options(q["conversations"][0]["value"]) for q in d["questions"]}
+    assert n["512"] == n["2634"] == n["2740"] == 2
+    assert {i: len(p["choices"]) for i, p in d["problems"].items()} == {i: n[i] for i in d["problems"]}
+    assert {a["question_id"]: sqa.pred_index(sqa.parse_answer(a["text"]), n[a["question_id"]])
+            for a in d["answers"]} == d["llava_results"]
+    qf = wjson(tmp_path / "llava_test_CQM-A.json", d["questions"])
+    a = wjsonl(tmp_path / "answers.jsonl", d["answers"])
+    r = score("sqa", a, questions=str(qf))
+    assert (r["correct"], r["n"], r["missing"]) == (sum(d["llava_is_correct"].values()), 8, 0)
+    base = tmp_path / "scienceqa"
+    wjson(base / "problems.json", d["problems"])
+    wjson(base / "pid_splits.json", {"test": list(d["problems"])})
+    a6 = wjsonl(tmp_path / "a6.jsonl", [x for x in d["answers"] if x["question_id"] in d["problems"]])
+    out = subprocess.run([sys.executable, str(LLAVA_EVAL / "eval_science_qa.py"), "--base-dir", str(base),
+                          "--result-file", str(a6), "--output-file", str(tmp_path / "o.json"),
+                          "--output-result", str(tmp_path / "r.json")],
+                         capture_output=True, text=True, check=True).stdout
+    ref_acc, ref_img = map(float, re.search(r"Accuracy: ([\d.]+)%, IMG-Accuracy: ([\d.]+)%", out).groups())
+    mine = score("sqa", a6, annotations=str(base))
+    assert (round(mine["accuracy"], 2), round(mine["img_accuracy"], 2)) == (ref_acc, ref_img)
+    assert mine["n_img"] == 2 and mine["img_correct"] == 1
+    cqm = wjson(tmp_path / "cqm6.json", [q for q in d["questions"] if q["id"] in d["problems"]])
+    assert {k: v for k, v in score("sqa", a6, questions=str(cqm)).items() if k != "ground_truth"} == \
+        {k: v for k, v in mine.items() if k != "ground_truth"}
+    with pytest.raises(ValueError, match="cannot count the options"):
+        sqa.count_options("Which is correct?\nB. one\nC. two")
+
+
 # ---------------------------------------------------------------- MMBench
 TSV_COLS = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image",
             "source", "l2-category", "comment", "split"]
@@ -379,12 +456,8 @@ def test_mmbench_sample_files_and_upload(tmp_path):
     assert [row[0] for row in got[1:]] == [a["question_id"] for a in answers]
     assert [row[6] for row in got[1:]] == [a["text"] for a in answers]
     assert got[1][4] is None and got[1][2] == answers[0]["options"][0]
-    try:
-        import openpyxl
-    except ImportError:
-        return
     ws = openpyxl.load_workbook(up).active
-    assert [c.value for c in next(ws.iter_rows())] == got[0]
+    assert ws.title == "Sheet1" and [c.value for c in next(ws.iter_rows())] == got[0]
 
 
 def test_mmbench_circular_copies_and_all_rounds(tmp_path):
@@ -421,6 +494,31 @@ def test_mmbench_test_split_writes_upload_only(tmp_path):
     r = score("mmbench_cn", a, annotations=str(tsv))
     assert "circular_accuracy" not in r and Path(r["upload_file"]).name == "answers_upload.xlsx"
     assert [row[6] for row in xlsx.read_rows(Path(r["upload_file"]).read_bytes())[1:]] == ["A", "B"]
+
+
+def test_mmbench_upload_real_rows_as_llava(tmp_path):
+    """Real rows of LLaVA's own MMBench upload: options such as '3' are text there (pandas keeps
+    an object column's cells as read), the index a number, missing options empty cells."""
+    d = json.loads((DATA / "mmbench_upload_rows.json").read_text())
+    rows = [dict(zip(d["header"], r)) for r in d["rows"]]
+    tsv = _tsv(tmp_path / "mmbench_dev_20230712.tsv",
+               [dict(_row(r["index"], [r[c] for c in "ABCD" if r[c] is not None], r["answer"]),
+                     question=r["question"]) for r in rows])
+    a = wjsonl(tmp_path / "a.jsonl", [ans(r["index"], r["prediction"], round_id=0) for r in rows])
+    up = tmp_path / "answers_upload.xlsx"
+    score("mmbench", a, annotations=str(tsv), upload_file=up)
+    got = [list(r) for r in openpyxl.load_workbook(up).active.iter_rows(values_only=True)]
+    assert got == [d["header"]] + d["rows"]
+    assert [type(v) for v in got[1]] == [int] + [str] * 8
+
+
+def test_xlsx_is_deterministic_and_readable():
+    header, rows = ["index", "text", "x"], [[1, "a\x01b", None], [2, "", 2.5], [3, True, "<&>"]]
+    data = xlsx.to_bytes(header, rows)
+    assert data == xlsx.to_bytes(header, rows)
+    wb = openpyxl.load_workbook(__import__("io").BytesIO(data))
+    assert wb.sheetnames == ["Sheet1"] and wb.properties.modified.year == 1980
+    assert xlsx.read_rows(data) == [header, [1, "ab"], [2, None, 2.5], [3, "True", "<&>"]]
 
 
 # ---------------------------------------------------------------- SEED

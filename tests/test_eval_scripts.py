@@ -236,7 +236,7 @@ CASES = [  # bench, method, keep, extra flags, CUDA_VISIBLE_DEVICES
     ("mmbench", "fps", 16, [], ""),
     ("mmbench_cn", "random", 8, [], ""),
     ("vqav2", "mix", 20, [], "-1"),
-    ("vizwiz", "adaptive", 64, ["--pruning-args", "tau_max=0.3"], ""),
+    ("vizwiz", "adaptive", 64, ["--pruning-args", "tau_max=0.3,stats=full"], ""),
     ("seed", "attention", 48, [], ""),
     ("mmvet", "diversity", 12, [], ""),
     ("chair", "adaptive", 64, [], ""),
@@ -285,6 +285,7 @@ def test_script_end_to_end(env, bench, method, keep, extra, gpus):
     assert "s/sample" in line and str(layout.results_path(bdir)) in line
     record = json.loads((bdir / "run.json").read_text())
     assert record["pruning"]["method"] == method and record["pruning"]["keep"] == keep
+    assert record["pruning"]["stats"] == ("full" if "tau_max=0.3,stats=full" in extra else "basic")
     assert record["conv_mode"] == "vicuna_v1" and record["temperature"] == 0
     _check_results(bench, results, n, bdir)
 

@@ -9,6 +9,7 @@ import llava_agile  # noqa: E402
 from llava_agile import PruneConfig  # noqa: E402
 from llava_agile.assets import build_tiny_llava, load_tiny, tiny_image, tiny_prompt  # noqa: E402
 from llava_agile.llava import compat  # noqa: E402
+from llava_agile.methods import MERGING  # noqa: E402
 from llava.mm_utils import process_images  # noqa: E402
 
 N = 576
@@ -60,15 +61,23 @@ def test_every_method_feeds_k_tokens(tiny, method):
         assert full.shape[1] - pruned.shape[1] == N - k
         st = model.__dict__.get("agile_stats")
         assert st is None  # disable removed it
-    # the stats of the last call, per image
-    llava_agile.enable(model, method, 32)
-    generate(tiny, x)
-    (st,) = model.agile_stats
-    llava_agile.disable(model)
+    # the stats of the last call, per image: "full" measures erank and entropy for every method
+    got = {}
+    for mode in ("basic", "full"):
+        llava_agile.enable(model, method, 32, stats=mode)
+        generate(tiny, x)
+        (got[mode],) = model.agile_stats
+        llava_agile.disable(model)
+    st, basic = got["full"], got["basic"]
+    # "basic" (the default): the same record without what the method did not compute itself
+    skipped = {"erank", "entropy"} - set(basic)
+    assert skipped == ({"entropy"} if method == "adaptive" else {"erank", "entropy"})
+    assert {k: v for k, v in basic.items() if k != "prune_ms"} == \
+        {k: v for k, v in st.items() if k not in skipped | {"prune_ms"}}
     k = N if method == "none" else 32
     assert st["kept"] == st["tokens"] == k and st["prune_ms"] > 0
     assert 1 <= st["erank"] <= N and 0 < st["entropy"] <= torch.log(torch.tensor(576.)) + 1e-5
-    if method != "bat":
+    if method not in MERGING:
         assert st["indices"] == sorted(set(st["indices"])) and len(st["indices"]) == k
     if method == "adaptive":
         lo, hi = st["tau_range"]
@@ -110,8 +119,11 @@ def test_bat_records_its_attention_kept_tokens(tiny):
     assert pruned.shape[1] == full.shape[1] - (N - 20)
 
 
-def test_selection_matches_the_core_on_the_hooked_attention(tiny):
-    """The integration selects exactly what llava_agile.select_tokens picks from the eager row."""
+@pytest.mark.parametrize("method,params", [("adaptive", dict(erank_avg=50.0)),
+                                           ("vispruner", dict(ratio=0.5))])
+def test_selection_matches_the_core_on_the_hooked_attention(tiny, method, params):
+    """The integration selects exactly what llava_agile.select_tokens picks from the eager row;
+    vispruner's similarity is taken on the CLIP (pre-projector) features, as its official code."""
     model = tiny[2]
     x = pixels(tiny, tiny_image(2))
     clip_model = model.get_vision_tower().vision_tower
@@ -123,8 +135,11 @@ def test_selection_matches_the_core_on_the_hooked_attention(tiny):
         clip = out.hidden_states[-2][:, 1:]
         attn = out.attentions[-2][:, :, 0, 1:].mean(1)
         proj = model.get_model().mm_projector(clip)
-    want = llava_agile.select_tokens(proj, attn, 40, "adaptive", erank_avg=50.0)
-    llava_agile.enable(model, "adaptive", 40, erank_avg=50.0)
+    extra = {"similarity_features": clip} if method == "vispruner" else {}
+    want = llava_agile.select_tokens(proj, attn, 40, method, **params, **extra)
+    if extra:  # the projected features would select otherwise: the check tells them apart
+        assert not torch.equal(want, llava_agile.select_tokens(proj, attn, 40, method, **params))
+    llava_agile.enable(model, method, 40, **params)
     generate(tiny, x)
     got = model.agile_stats[0]["indices"]
     llava_agile.disable(model)
@@ -186,7 +201,7 @@ def test_batch_of_two_images_each_pruned_on_its_own(tiny):
 def test_adaptive_count_gives_per_image_lengths(tiny):
     model = tiny[2]
     a, b = tiny_image(8, kind="flat"), tiny_image(9, kind="noise")
-    llava_agile.enable(model, "attention", 8)
+    llava_agile.enable(model, "attention", 8, stats="full")
     generate(tiny, pixels(tiny, a, b), n_prompts=2)
     e_a, e_b = (s["erank"] for s in model.agile_stats)
     assert abs(e_a - e_b) > 2

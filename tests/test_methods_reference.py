@@ -85,12 +85,12 @@ def library(method, x, a, k, params):
     return idx.tolist(), res
 
 
-def compare(method, make_params, seed, n_cases=N_CASES, check=None):
+def compare(method, make_params, seed, n_cases=N_CASES, check=None, sizes=draw_size):
     """Run n_cases random cases; assert equality on every unambiguous one. Returns the records."""
     rng = np.random.default_rng(seed)
     records, ambiguous, failures = [], 0, []
     for case in range(n_cases):
-        n, d, k = draw_size(rng)
+        n, d, k = sizes(rng)
         x, a, kind = bf.make_case(rng, n, d)
         params = make_params(rng, x, a)
         bf_params = {key: v for key, v in params.items()}
@@ -214,6 +214,35 @@ def test_vispruner_matches_bruteforce():
     def params(rng, x, a):
         return dict(ratio_params(rng, x), similarity_features=similarity(rng, x))
     compare("vispruner", params, seed=13, n_cases=150, check=check_ratio_stats)
+
+
+def small_diverse_budget(rng):
+    """K <= 24 on up to 150 tokens: with R >= 0.6 the de-duplication ends on a short A."""
+    return int(rng.integers(12, 151)), int(rng.integers(2, 33)), int(rng.integers(2, 25))
+
+
+def test_vispruner_continues_where_the_official_loop_fails():
+    """The official loop fails when A holds fewer tokens than the round drops (or R is odd);
+    ours drops all of A and goes on (README, Our choices): still K tokens, as the brute force."""
+    def params(rng, x, a):
+        return dict(ratio=float(rng.choice([0.75, 0.8, 0.9, rng.uniform(0.6, 1.0)])),
+                    similarity_features=similarity(rng, x))
+    records = compare("vispruner", params, seed=17, n_cases=150, sizes=small_diverse_budget)
+    assert all(len(r["got"]) == min(r["k"], r["n"]) for r in records)
+    assert sum(r["info"]["short_rounds"] > 0 for r in records) >= 30
+
+
+def test_vispruner_on_576_tokens_keeps_16_at_ratio_075():
+    """The issue's failing case: K = 16, R = 0.75 on LLaVA-1.5's 576 tokens."""
+    rng = np.random.default_rng(18)
+    x, a, _ = bf.make_case(rng, 576, 16, "clusters")
+    sim = x @ rng.standard_normal((16, 24)) + 0.1 * rng.standard_normal((576, 24))
+    ref, info = bf.vispruner(x, a, 16, ratio=0.75, similarity_features=sim)
+    assert info["short_rounds"] >= 1 and info["margin"] > AMBIGUOUS
+    got = select_tokens(torch.from_numpy(x), torch.from_numpy(a), 16, "vispruner", ratio=0.75,
+                        similarity_features=torch.from_numpy(sim))
+    assert got.tolist() == ref and len(ref) == 16
+    assert set(bf.attention_order(a)[:12]) <= set(ref)  # int(16 * 0.75) by attention
 
 
 def test_mix_matches_bruteforce():

@@ -50,7 +50,8 @@ def _loader_args(setup, answers, *extra):
 
 
 @pytest.mark.parametrize("method,keep,extra", [("adaptive", 64, None),
-                                               ("vispruner", 32, "ratio=0.25")])
+                                               ("vispruner", 32, "ratio=0.25"),
+                                               ("attention", 16, "stats=full")])
 def test_loader_three_questions_pruned(setup, method, keep, extra, monkeypatch):
     answers = os.path.join(setup["work"], f"answers-{method}.jsonl")
     stats_file = os.path.join(setup["work"], f"stats-{method}.jsonl")
@@ -63,6 +64,9 @@ def test_loader_three_questions_pruned(setup, method, keep, extra, monkeypatch):
     assert all(len(x["prune_ms"]) == 1 and x["prune_ms"][0] > 0 and x["s"] > 0 for x in logged)
     _check_prefill(data["records"], keep)
     assert all(r["kept"] == [keep] for r in data["records"])
+    # --pruning-args stats=full reaches enable: every image's stats then hold the entropy too
+    full = extra == "stats=full"
+    assert all(("entropy" in k) == full for r in data["records"] for k in r["stat_keys"])
     rows = _answers(answers)
     assert [r["question_id"] for r in rows] == ["q0", "q1", "q2"]
     assert all(isinstance(r["text"], str) and r["model_id"] == "tiny-llava-v1.5" for r in rows)

@@ -99,8 +99,9 @@ def write_report(out: Path, records, methods, keep, model_path, tiny, device, el
         f"the **{space}** features{' (the projector is random)' if tiny and space == 'vision' else ''}. "
         f"{len(records)} images, {elapsed:.0f} s. Each image went through LLaVA's `generate` "
         f"with pruning enabled (`llava_agile.enable`); the pruning time is the time spent in "
-        f"`llava_agile.prune` during that call (selection and its erank/entropy; the vision "
-        f"tower, projector and LLM are not counted).\n")
+        f"`llava_agile.prune` during that call (the selection and what the method computes "
+        f"itself, e.g. adaptive's erank; the vision tower, projector and LLM are not counted). "
+        f"erank and entropy in the tables are measured separately, in float64.\n")
     if missing:
         head.append(f"\nNot found (package not installed): {', '.join(missing)}.\n")
     body = ["\n## Per image\n\n", main,
@@ -113,8 +114,8 @@ def write_report(out: Path, records, methods, keep, model_path, tiny, device, el
             "\n## Erank of the kept tokens per method (the paper's Table 1)\n\n",
             table1_markdown(table1(records)),
             "\n![retained erank](retained_erank.png)\n",
-            "\n## Kept patches\n\nBright patches are kept, dimmed ones pruned (bat: those it "
-            "keeps by attention; it merges the rest); titles give the "
+            "\n## Kept patches\n\nBright patches are kept, dimmed ones pruned (bat, visionzip: "
+            "those they keep by attention; they merge the rest); titles give the "
             "image's erank and the kept tokens' erank, the attention entropy H, and the adaptive "
             "thresholds or the hybrids' attention ratio.\n"]
     for r in records:

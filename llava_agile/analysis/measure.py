@@ -3,9 +3,11 @@
 Every number comes from a loaded LLaVA model with `llava_agile.enable(model, config)`: LLaVA's
 vision tower, the [CLS]-attention hook and the projector run as in inference
 (`llava_agile.llava.visual_tokens`, or `model.generate`); nothing is re-implemented here.
-Per image and per (method, K): the full-token erank and [CLS]-attention entropy (the method's
-`agile_stats`), the kept indices, the erank of the kept tokens in the selection space, the
-threshold range (adaptive) or attention ratio (hybrids), and the time spent in pruning.
+Per image and per (method, K): the full-token erank and [CLS]-attention entropy, the kept
+indices, the erank of the kept tokens in the selection space, the threshold range (adaptive) or
+attention ratio (hybrids), and the time spent in pruning. erank and entropy are measurements
+here, so they are computed in float64 from the captured tensors (the pruning path's float32
+values depend on the CPU's BLAS kernels); pruning itself runs as in inference.
 """
 from __future__ import annotations
 
@@ -90,11 +92,18 @@ def make_configs(methods, keeps, pruning_args=None, erank_avg_file=None,
 
 @contextlib.contextmanager
 def capture(model):
-    """Record the vision tower's outputs and the projector's inputs while active."""
-    seen = {"tower": [], "projector": []}
+    """Record the vision tower's outputs, the select layer's [CLS] rows and the projector's
+    inputs while active."""
+    from ..llava.attention import attention_module, cls_attention_row
+
+    seen = {"tower": [], "cls": [], "projector": []}
+    tower = model.get_vision_tower()
     handles = [
-        model.get_vision_tower().register_forward_hook(
-            lambda m, a, out: seen["tower"].append(out)),
+        tower.register_forward_hook(lambda m, a, out: seen["tower"].append(out)),
+        attention_module(tower).register_forward_hook(
+            lambda m, a, kw, out: seen["cls"].append(
+                cls_attention_row(m, kw["hidden_states"] if "hidden_states" in kw else a[0])),
+            with_kwargs=True),
         model.get_model().mm_projector.register_forward_pre_hook(
             lambda m, a: seen["projector"].append(a[0])),
     ]
@@ -113,23 +122,36 @@ def _base_indices(indices):
 
 
 @torch.no_grad()
+def image_tokens(model, cfg: PruneConfig, seen: dict) -> torch.Tensor:
+    """Every token of the (base crop of the) image in the selection space (`cfg.feature_space`)."""
+    clip = seen["tower"][0][0]
+    return clip if cfg.feature_space == "vision" else model.get_model().mm_projector(clip)
+
+
+@torch.no_grad()
 def kept_tokens(model, cfg: PruneConfig, stats: dict, seen: dict, fed: torch.Tensor):
     """The kept tokens in the selection space (`cfg.feature_space`) of the (base crop of the)
     image: index methods -> the tower's / projector's features at the kept indices; merging
     methods -> the merged features (projected: what the LLM got; vision: the projector's input)."""
     if cfg.method in MERGING:
         return fed if cfg.feature_space == "projected" else seen["projector"][-1]
-    clip = seen["tower"][0][0]
-    idx = torch.as_tensor(_base_indices(stats["indices"]), dtype=torch.long, device=clip.device)
-    space = clip if cfg.feature_space == "vision" else model.get_model().mm_projector(clip)
+    space = image_tokens(model, cfg, seen)
+    idx = torch.as_tensor(_base_indices(stats["indices"]), dtype=torch.long, device=space.device)
     return space[idx]
 
 
 def erank_of(x: torch.Tensor, center: bool = True) -> float:
-    """Effective rank of one `[K, D]` token matrix (float32 at least)."""
+    """Effective rank of one `[K, D]` token matrix, measured in float64 (the definition: svdvals)."""
     from ..metrics import erank_from_singular_values, singular_values
 
-    return float(erank_from_singular_values(singular_values(x.float(), center)))
+    return float(erank_from_singular_values(singular_values(x.double(), center)))
+
+
+def entropy_of_row(row: torch.Tensor) -> float:
+    """Entropy (nats) of one [CLS]-attention row, measured in float64."""
+    from ..metrics import entropy_of
+
+    return float(entropy_of(row.double()))
 
 
 # ---------------------------------------------------------------- one image
@@ -197,8 +219,10 @@ class Measurer:
             if question is not None and gen_stats.get("indices") != st.get("indices"):
                 raise RuntimeError(f"{cfg.method}: generate and visual_tokens kept different "
                                    f"tokens for the same image")
-            kept = kept_tokens(model, cfg, st, seen, fed[0])
-            retained = erank_of(kept, cfg.params.get("center", True))
+            center = cfg.params.get("center", True)
+            retained = erank_of(kept_tokens(model, cfg, st, seen, fed[0]), center)
+            full_erank = erank_of(image_tokens(model, cfg, seen), center)
+            entropy = entropy_of_row(seen["cls"][0][0])
         finally:
             disable(model)
         n = int(seen["tower"][0].shape[1])
@@ -206,8 +230,7 @@ class Measurer:
         ms = (gen_stats or st).get("prune_ms")
         rec = {"method": cfg.method, "keep": cfg.keep, "kept": int(st["kept"]),
                "tokens": int(st.get("tokens", st["kept"])), "n_tokens": n,
-               "erank": float(st["erank"]), "entropy": float(st["entropy"]),
-               "retained_erank": retained,
+               "erank": full_erank, "entropy": entropy, "retained_erank": retained,
                "tau_range": [float(tau[0]), float(tau[1])] if tau is not None else None,
                "ratio": float(st["ratio"]) if "ratio" in st else None,
                "indices": st.get("indices"), "attention_indices": st.get("attention_indices"),

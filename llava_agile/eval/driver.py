@@ -124,6 +124,8 @@ def check_record(bdir: Path, record: dict) -> None:
     if not path.is_file():
         return
     old = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(old.get("pruning"), dict):  # written before PruneConfig.stats existed
+        old["pruning"].setdefault("stats", record["pruning"].get("stats"))
     diff = [k for k in RECORD_KEYS if old.get(k) != record.get(k)]
     if diff:
         raise FileExistsError(

@@ -105,23 +105,23 @@ def score(answers: list[dict], annotations: str, bench: str = "mmbench") -> dict
 
 
 def upload_rows(answers: list[dict], annotations: str, bench: str = "mmbench") -> tuple[list, list]:
-    """LLaVA's upload table: the TSV without hint/category/source/image/comment/l2-category and
-    with `prediction` inserted as the 7th column (round 0 answer; empty when unanswered)."""
-    tsv = read_tsv(require(annotations, bench, "MMBench TSV"))
-    cols = [c for c in tsv[0] if c not in DROP_COLUMNS]
+    """LLaVA's upload table: the TSV read as LLaVA reads it (pandas.read_table, so a column is
+    numeric only when all its cells are, e.g. index; option texts like '3' stay text), without
+    hint/category/source/image/comment/l2-category and with `prediction` inserted as the 7th
+    column (round 0 answer; empty when unanswered)."""
+    import pandas as pd
+
+    df = pd.read_table(require(annotations, bench, "MMBench TSV"))
+    if "index" not in df.columns or "A" not in df.columns:
+        raise ValueError(f"{annotations}: not an MMBench TSV (needs index, question, A, B, ... columns)")
+    cols = [c for c in df.columns if c not in DROP_COLUMNS]
     header = cols[:6] + ["prediction"] + cols[6:]
     pred = {}
     for rec in answers:
         if int(rec.get("round_id", 0) or 0) == 0:
             pred[int(question_id(rec))] = rec["text"]
-
-    def cell(v):
-        if is_none(v):
-            return None
-        return int(v) if re.fullmatch(r"-?\d+", v) else v
-
+    table = df[cols].astype(object).where(df[cols].notna(), None)
     rows = []
-    for r in tsv:
-        vals = [cell(r[c]) for c in cols]
-        rows.append(vals[:6] + [pred.get(int(float(r["index"])))] + vals[6:])
+    for idx, vals in zip(df["index"], table.values.tolist()):
+        rows.append(vals[:6] + [pred.get(int(idx))] + vals[6:])
     return header, rows

@@ -3,10 +3,16 @@
 LLaVA pairs the i-th answer of a category with the i-th line of `coco_pope_<category>.json`;
 here the i-th *question* of the category (question-file order) is paired with the i-th label,
 which is the same for a complete run and stays aligned when answers are missing or reordered.
+
+The label files must be the version LLaVA's `llava_pope_test.jsonl` was made from: AoiDragon/POPE
+commit e3e39262 (linked from LLaVA's docs/Evaluation.md). Later POPE commits fixed a typo
+("imange") in some questions (accepted here: such lines are matched by image and object and
+counted) and regenerated `coco_pope_random.json` (3000 questions for LLaVA's 2910: refused).
 """
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from .answers import QuestionIndex, question_id
@@ -14,6 +20,12 @@ from .benchmarks import require
 from .common import check_answers, pct
 
 CATEGORIES = ("adversarial", "popular", "random")
+POPE_COMMIT = "e3e39262c85a6a83f26cf5094022a782cb0df58d"
+_FIX = (f"use the label files LLaVA's questions were made from: output/coco/coco_pope_*.json of "
+        f"AoiDragon/POPE commit {POPE_COMMIT[:8]} (https://github.com/AoiDragon/POPE/tree/{POPE_COMMIT}"
+        f"/output/coco, as LLaVA's docs/Evaluation.md says); POPE's later commits regenerated "
+        f"coco_pope_random.json (3000 questions, LLaVA's file has 2910)")
+_OBJECT = re.compile(r"^Is there an? (.+?) in the \w+\?")
 
 
 def yes_no(text: str) -> str:
@@ -49,6 +61,36 @@ def read_labels(path: Path) -> list[dict]:
     return out
 
 
+def _object(text: str) -> str | None:
+    """'Is there an umbrella in the imange?' -> 'umbrella' (None for another question form)."""
+    m = _OBJECT.match(text)
+    return m.group(1) if m else None
+
+
+def align(cat: str, questions: list[dict], labels: list[dict]) -> int:
+    """Check that label line j belongs to the category's question j: same text (the question may
+    add LLaVA's answer instruction) and image, or, where only the wording differs (POPE's later
+    typo fix), the same image and object. Returns how many lines matched the second way."""
+    if len(labels) != len(questions):
+        raise ValueError(f"pope: {cat}: {len(questions)} questions but {len(labels)} labels in "
+                         f"coco_pope_{cat}.json; they must match one to one: {_FIX}")
+    retyped = 0
+    for j, (q, lab) in enumerate(zip(questions, labels)):
+        qtext, ltext = q.get("text", ""), lab.get("text")
+        if not isinstance(ltext, str):
+            continue
+        same_image = "image" not in lab or "image" not in q or lab["image"] == q["image"]
+        if same_image and qtext.startswith(ltext):
+            continue
+        if same_image and _object(ltext) is not None and _object(ltext) == _object(qtext):
+            retyped += 1
+            continue
+        raise ValueError(f"pope: {cat}: question {j + 1} ({q.get('image')}) {qtext[:60]!r} does not "
+                         f"match label line {j + 1} ({lab.get('image')}) {ltext[:60]!r}; keep the "
+                         f"question order, and {_FIX}")
+    return retyped
+
+
 def score(answers: list[dict], annotations: str, questions: list[dict] | None) -> dict:
     """`annotations`: the folder with `coco_pope_<category>.json`; `questions`: llava_pope_test."""
     check_answers(answers, "pope")
@@ -74,22 +116,16 @@ def score(answers: list[dict], annotations: str, questions: list[dict] | None) -
         if cat not in CATEGORIES:
             raise ValueError(f"pope: unknown category {cat!r}; valid: {', '.join(CATEGORIES)}")
         labels = read_labels(require(Path(adir) / f"coco_pope_{cat}.json", "pope", "POPE label file"))
-        if len(labels) != len(positions):
-            raise ValueError(f"pope: {cat}: {len(positions)} questions but {len(labels)} labels in "
-                             f"coco_pope_{cat}.json; they must match one to one (LLaVA uses POPE commit "
-                             f"e3e39262, whose coco_pope_random.json has 2910 lines; newer POPE has 3000)")
+        retyped = align(cat, [questions[p] for p in positions], labels)
         preds, gts = [], []
         for j, p in enumerate(positions):
-            lab, qtext = labels[j], questions[p].get("text", "")
-            if isinstance(lab.get("text"), str) and not qtext.startswith(lab["text"]):
-                raise ValueError(f"pope: {cat}: question {j + 1} {qtext[:60]!r} does not match label "
-                                 f"line {j + 1} {lab['text'][:60]!r}; keep the question order")
             if p in by_pos:
                 preds.append(yes_no(by_pos[p]["text"]))
-                gts.append(lab["label"])
-        out[cat] = metrics(preds, gts)
+                gts.append(labels[j]["label"])
+        out[cat] = dict(metrics(preds, gts), matched_by_image_object=retyped)
     present = [c for c in CATEGORIES if c in out]
     return {"benchmark": "pope",
             "f1": round(sum(out[c]["f1"] for c in present) / len(present), 6),
             "accuracy": round(sum(out[c]["accuracy"] for c in present) / len(present), 6),
-            "categories": {c: out[c] for c in present}, "n": len(by_pos), "missing": missing}
+            "categories": {c: out[c] for c in present}, "n": len(by_pos), "missing": missing,
+            "matched_by_image_object": sum(out[c]["matched_by_image_object"] for c in present)}

@@ -3,7 +3,9 @@
 Ground truth from `problems.json` + `pid_splits.json` (LLaVA's --base-dir), or from LLaVA's
 `llava_test_CQM-A.json` (answer letter in the "gpt" turn, options counted from the prompt).
 Unanswered problems count as failed, as in LLaVA. A problem is an image problem when it has an
-image (LLaVA tests '<image>' in the answer's prompt, which holds exactly for those)."""
+image (LLaVA tests '<image>' in the answer's prompt, which holds exactly for those on all 4241
+problems; an unanswered image problem, which LLaVA leaves out of IMG-accuracy, counts as failed
+there too)."""
 from __future__ import annotations
 
 import re
@@ -33,16 +35,15 @@ def pred_index(answer: str, n_choices: int) -> int:
 
 
 def count_options(prompt: str) -> int:
-    """Options listed at the end of a CQM-A prompt ('A. ...' lines, consecutive letters)."""
-    letters = []
-    for line in reversed(prompt.rstrip("\n").split("\n")):
-        m = _OPTION_LINE.match(line)
-        if not m:
-            break
-        letters.append(m.group(1))
-    letters.reverse()
+    """Options listed at the end of a CQM-A prompt: the 'A. ', 'B. ', ... lines from the last
+    'A. ' line on, consecutive letters. An option's text may span lines (a letter's closing,
+    then the name on the next line): lines that start no option continue the one above."""
+    marks = [m.group(1) for line in prompt.split("\n") if (m := _OPTION_LINE.match(line))]
+    start = len(marks) - 1 - marks[::-1].index("A") if "A" in marks else None
+    letters = marks[start:] if start is not None else []
     if not letters or letters != OPTIONS[:len(letters)]:
-        raise ValueError(f"sqa: cannot count the options (A., B., ...) at the end of {prompt[-120:]!r}")
+        raise ValueError(f"sqa: cannot count the options (lines 'A. ...', 'B. ...') at the end of "
+                         f"{prompt[-120:]!r}")
     return len(letters)
 
 

@@ -3,6 +3,10 @@
 The vision tower keeps its normal (fast) attention path: no `output_attentions=True`. The hook
 sees the attention module's input, projects the CLS query and all keys with the module's own
 `q_proj`/`k_proj`, and keeps the softmax row of the CLS query, averaged over heads, patches only.
+With `keys=True` it also keeps that layer's patch keys (`k_proj` output averaged over heads:
+VisionZip's similarity metric, as its patched `CLIPAttention.forward` returns it) and, from a
+second hook on the block, the block's [CLS] output (the CLS row of `hidden_states[select_layer]`,
+which VisionZip feeds as a dominant token).
 """
 from __future__ import annotations
 
@@ -18,19 +22,25 @@ def select_layer_index(select_layer: int, num_layers: int) -> int:
     return idx
 
 
-def attention_module(tower) -> torch.nn.Module:
-    """The attention module of the CLIP block LLaVA takes its features from."""
+def select_block(tower) -> torch.nn.Module:
+    """The CLIP block LLaVA takes its features from (its output is `hidden_states[select_layer]`)."""
     clip = getattr(tower, "vision_tower", None)
     layers = getattr(getattr(getattr(clip, "vision_model", None), "encoder", None), "layers", None)
     if layers is None:
         raise ValueError("the vision tower is not loaded or is not a CLIP vision model; "
                          "load the model with LLaVA's load_pretrained_model first")
-    return layers[select_layer_index(tower.select_layer, len(layers))].self_attn
+    return layers[select_layer_index(tower.select_layer, len(layers))]
+
+
+def attention_module(tower) -> torch.nn.Module:
+    """The attention module of the CLIP block LLaVA takes its features from."""
+    return select_block(tower).self_attn
 
 
 @torch.no_grad()
-def cls_attention_row(attn: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """`[B, T, C]` input of a CLIP attention module -> `[B, T-1]` CLS row (float32, head mean)."""
+def cls_attention_row(attn: torch.nn.Module, hidden: torch.Tensor, with_keys: bool = False):
+    """`[B, T, C]` input of a CLIP attention module -> `[B, T-1]` CLS row (float32, head mean);
+    with `with_keys`, also the patch keys `[B, T-1, head_dim]` (float32, head mean)."""
     b, t, _ = hidden.shape
     heads = attn.num_heads
     head_dim = attn.head_dim
@@ -38,25 +48,43 @@ def cls_attention_row(attn: torch.nn.Module, hidden: torch.Tensor) -> torch.Tens
     q = (attn.q_proj(hidden[:, :1]).float() * scale).view(b, 1, heads, head_dim).transpose(1, 2)
     k = attn.k_proj(hidden).float().view(b, t, heads, head_dim).transpose(1, 2)
     row = torch.softmax(q @ k.transpose(-1, -2), dim=-1)  # [B, H, 1, T]
+    if with_keys:
+        return row.mean(dim=1)[:, 0, 1:], k.mean(dim=1)[:, 1:]
     return row.mean(dim=1)[:, 0, 1:]
 
 
 class ClsAttentionHook:
-    """A forward hook on one attention module; records rows only between `start` and `stop`."""
+    """A forward hook on one attention module; records rows only between `start` and `stop`
+    (and, with `keys=True`, the patch keys, read with `stop_keys` after `stop`; with `block`, the
+    module's CLIP block, that block's [CLS] output, read with `stop_cls`)."""
 
-    def __init__(self, module: torch.nn.Module):
+    def __init__(self, module: torch.nn.Module, keys: bool = False,
+                 block: torch.nn.Module | None = None):
         self.module = module
         self.rows: list[torch.Tensor] = []
+        self.with_keys = keys
+        self.keys: list[torch.Tensor] = []
+        self.cls: list[torch.Tensor] = []
         self.active = False
         self.handle = module.register_forward_hook(self._hook, with_kwargs=True)
+        self.block_handle = None if block is None else block.register_forward_hook(self._block)
+
+    def _block(self, module, args, output):
+        if self.active:
+            self.cls.append((output[0] if isinstance(output, tuple) else output)[:, 0])
 
     def _hook(self, module, args, kwargs, output):
         if self.active:
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            self.rows.append(cls_attention_row(module, hidden))
+            if self.with_keys:
+                row, keys = cls_attention_row(module, hidden, with_keys=True)
+                self.keys.append(keys)
+            else:
+                row = cls_attention_row(module, hidden)
+            self.rows.append(row)
 
     def start(self) -> None:
-        self.rows, self.active = [], True
+        self.rows, self.keys, self.cls, self.active = [], [], [], True
 
     def stop(self) -> torch.Tensor | None:
         """Rows recorded since `start`, concatenated in call order (`[B, N]`), or None."""
@@ -64,6 +92,18 @@ class ClsAttentionHook:
         rows, self.rows = self.rows, []
         return torch.cat(rows) if rows else None
 
+    def stop_keys(self) -> torch.Tensor | None:
+        """Keys recorded since `start` (`[B, N, head_dim]`, call order), or None; call after stop."""
+        keys, self.keys = self.keys, []
+        return torch.cat(keys) if keys else None
+
+    def stop_cls(self) -> torch.Tensor | None:
+        """The block's [CLS] outputs since `start` (`[B, C]`, call order), or None; after stop."""
+        cls, self.cls = self.cls, []
+        return torch.cat(cls) if cls else None
+
     def remove(self) -> None:
         self.active = False
         self.handle.remove()
+        if self.block_handle is not None:
+            self.block_handle.remove()

@@ -17,11 +17,11 @@ from ..config import PruneConfig
 from ..methods import MERGING, REGISTRY
 from . import compat
 from .anyres import assemble, grid_layout
-from .attention import ClsAttentionHook, attention_module
+from .attention import ClsAttentionHook, attention_module, select_block
 
 PATCHED = ("prepare_inputs_labels_for_multimodal", "encode_images", "prepare_inputs_for_generation")
 _MISSING = object()
-_FIELDS = ("method", "keep", "params", "feature_space", "anyres_mode")
+_FIELDS = ("method", "keep", "params", "feature_space", "anyres_mode", "stats")
 
 
 # ---------------------------------------------------------------- configuration
@@ -34,17 +34,18 @@ def config_from_dict(d: dict) -> PruneConfig:
     return PruneConfig(params=params, **d)
 
 
-def as_config(method="adaptive", keep=None, feature_space=None, anyres_mode=None,
+def as_config(method="adaptive", keep=None, feature_space=None, anyres_mode=None, stats=None,
               **params) -> PruneConfig:
     """A PruneConfig from `enable`'s arguments (a PruneConfig, a dict, or method/keep/params)."""
     if isinstance(method, (PruneConfig, dict)):
-        if keep is not None or feature_space is not None or anyres_mode is not None or params:
+        if keep is not None or feature_space is not None or anyres_mode is not None \
+                or stats is not None or params:
             raise ValueError("pass either a PruneConfig (or dict) or method/keep/parameters, "
                              "not both")
         cfg = method if isinstance(method, PruneConfig) else config_from_dict(method)
     elif isinstance(method, str):
-        extra = {k: v for k, v in (("feature_space", feature_space), ("anyres_mode", anyres_mode))
-                 if v is not None}
+        extra = {k: v for k, v in (("feature_space", feature_space), ("anyres_mode", anyres_mode),
+                                   ("stats", stats)) if v is not None}
         cfg = PruneConfig(method=method, keep=64 if keep is None else keep, params=params, **extra)
     else:
         raise ValueError(f"pruning must be a method name, a PruneConfig or a dict, "
@@ -52,6 +53,10 @@ def as_config(method="adaptive", keep=None, feature_space=None, anyres_mode=None
     if cfg.params.get("similarity_features") is not None:
         raise ValueError("similarity_features is set by the LLaVA integration (the CLIP "
                          "features); do not pass it")
+    for name in ("keys", "cls_token"):
+        if cfg.params.get(name) is not None:
+            raise ValueError(f"{name} is set by the LLaVA integration (from the select layer, "
+                             f"recorded by its [CLS]-attention hook); do not pass it")
     return cfg
 
 
@@ -89,6 +94,8 @@ class _State:
         self.saved: dict = {}
         self.orig: dict = {}
         self.pending = None
+        self.keys = None  # the select layer's patch keys of the last tower call (visionzip)
+        self.cls = None   # ... and its [CLS] hidden states `[B, Dv]` (visionzip)
 
 
 def _tower(model, state, images: torch.Tensor):
@@ -98,6 +105,7 @@ def _tower(model, state, images: torch.Tensor):
         clip = model.get_vision_tower()(images)
     finally:
         attn = state.hook.stop()
+        state.keys, state.cls = state.hook.stop_keys(), state.hook.stop_cls()
     if attn is None or attn.shape != clip.shape[:2]:
         got = None if attn is None else tuple(attn.shape)
         raise RuntimeError(f"expected one [CLS]-attention row per image from the select layer "
@@ -111,19 +119,28 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _select(cfg: PruneConfig, space, attn, clip, keep: int):
+def _select(cfg: PruneConfig, space, attn, clip, keep: int, keys=None, cls=None):
     """`prune` on `[B, N, .]`; returns (PruneResult, milliseconds it took, CUDA-synchronised).
-    bat's stats carry `attention_indices`: the attention-kept tokens (the rest are merged)."""
+    bat's and visionzip's stats carry `attention_indices`: the attention-kept tokens (the rest
+    are merged). visionzip: `keys`, the select layer's patch keys `[B, N, .]`, and `cls`, its
+    [CLS] token `[B, D]` in `space` (None: every dominant slot goes to a patch)."""
     params = dict(cfg.params)
     if "similarity_features" in REGISTRY[cfg.method][1]:
         params["similarity_features"] = clip
+    if "keys" in REGISTRY[cfg.method][1]:  # visionzip: the select layer's keys, from the hook
+        if keys is None:
+            raise ValueError(f"method {cfg.method!r} needs the select layer's keys; this "
+                             f"integration does not record them (use llava_agile.enable)")
+        params["keys"] = keys.to(space.device)
+    if "cls_token" in REGISTRY[cfg.method][1] and cls is not None:
+        params["cls_token"] = cls.to(space.device)
     attn = attn.to(space.device)
     _sync(space.device)
     t0 = time.perf_counter()
-    res = prune(space, attn, keep, cfg.method, stats=True, **params)
+    res = prune(space, attn, keep, cfg.method, stats=cfg.stats == "full", **params)
     _sync(space.device)
     ms = 1000 * (time.perf_counter() - t0)
-    if cfg.method == "bat":  # K >= N: nothing merged, every token kept
+    if cfg.method in MERGING:  # K >= N: nothing merged, every token kept
         for st in res.stats:
             st.setdefault("attention_indices", list(range(st["kept"])))
     return res, ms
@@ -135,7 +152,8 @@ def _flat_tokens(model, state, clip, attn):
     projector = model.get_model().mm_projector
     vision = cfg.feature_space == "vision"
     proj = None if vision else projector(clip)
-    res, ms = _select(cfg, clip if vision else proj, attn, clip, cfg.keep)
+    cls = state.cls if vision or state.cls is None else projector(state.cls)
+    res, ms = _select(cfg, clip if vision else proj, attn, clip, cfg.keep, state.keys, cls)
     feats, stats = [], []
     for b in range(clip.shape[0]):
         st = dict(res.stats[b], prune_ms=ms / clip.shape[0])  # one batched call: its mean
@@ -151,7 +169,7 @@ def _flat_tokens(model, state, clip, attn):
     return feats, stats
 
 
-def _image_tokens(model, cfg, clip, attn, proj, image_size):
+def _image_tokens(model, cfg, clip, attn, proj, image_size, keys=None, cls=None):
     """One image given as crops (`[n, N, .]`): LLaVA's merge with the kept tokens only."""
     n, N = attn.shape
     merge = getattr(model.config, "mm_patch_merge_type", "flat")
@@ -168,7 +186,9 @@ def _image_tokens(model, cfg, clip, attn, proj, image_size):
         side = model.get_vision_tower().num_patches_per_side
         layout = grid_layout(model, image_size, n - 1, side, device=attn.device)
     if cfg.method in MERGING:
-        res, ms = _select(cfg, space, attn, clip, cfg.keep)
+        if cls is not None and cfg.feature_space != "vision":
+            cls = model.get_model().mm_projector(cls)
+        res, ms = _select(cfg, space, attn, clip, cfg.keep, keys, cls)
         f = res.features[0]
         f = model.get_model().mm_projector(f) if cfg.feature_space == "vision" else f
         st = dict(res.stats[0], crops=1, kept=int(f.shape[0]), prune_ms=ms)
@@ -229,7 +249,8 @@ def _list_tokens(model, state, images, image_sizes):
     parts = zip(clip.split(sizes), attn.split(sizes), proj.split(sizes))
     for i, (c, a, p) in enumerate(parts):
         size = image_sizes[i] if image_sizes is not None else None
-        f, st = _image_tokens(model, state.config, c, a, p, size)
+        keys, cls = (None if t is None else t.split(sizes)[i] for t in (state.keys, state.cls))
+        f, st = _image_tokens(model, state.config, c, a, p, size, keys, cls)
         feats.append(f)
         stats.append(st)
     return feats, stats
@@ -290,20 +311,26 @@ _IMPL = {"prepare_inputs_labels_for_multimodal": _prepare_inputs_labels_for_mult
 # ---------------------------------------------------------------- public
 
 def enable(model, method="adaptive", keep: int | None = None, *, feature_space: str | None = None,
-           anyres_mode: str | None = None, **params):
+           anyres_mode: str | None = None, stats: str | None = None, **params):
     """Prune the visual tokens of a loaded LLaVA model; returns the model.
 
     `enable(model, "adaptive", 64, erank_avg=95)`, or `enable(model, PruneConfig(...))` / a dict.
     After it, LLaVA's unchanged code feeds K tokens per image (per crop for LLaVA-NeXT in the
     shared / per_crop modes) to the LLM; `model.agile_stats` describes the last call's images
     (one dict each; `prune_ms`: milliseconds spent in `llava_agile.prune` for that image).
+    `stats="basic"` (default) reports the kept count, indices, time and what the method computed
+    anyway (adaptive's erank and thresholds, a hybrid's ratio); `stats="full"` also measures every
+    image's full-token erank and attention entropy (an eigendecomposition per image).
     """
     compat.check_transformers()
-    cfg = as_config(method, keep, feature_space, anyres_mode, **params)
+    cfg = as_config(method, keep, feature_space, anyres_mode, stats, **params)
     _check_model(model, cfg)
     if is_enabled(model):
         disable(model)
-    state = _State(cfg, ClsAttentionHook(attention_module(model.get_vision_tower())))
+    zip_ = "keys" in REGISTRY[cfg.method][1]  # visionzip: also the keys and the CLS output
+    tower = model.get_vision_tower()
+    state = _State(cfg, ClsAttentionHook(attention_module(tower), keys=zip_,
+                                         block=select_block(tower) if zip_ else None))
     names = PATCHED if compat.needs_cache_position_shim() else PATCHED[:2]
     for name in names:
         state.saved[name] = model.__dict__.get(name, _MISSING)

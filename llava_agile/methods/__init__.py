@@ -7,6 +7,7 @@ from .adaptive import adaptive
 from .basic import attention, none, random
 from .diversity import diversity, fps
 from .hybrids import bat, mix, vispruner
+from .visionzip import visionzip
 
 _RATIO = dict(ratio=0.5, ratio_rule="fixed", ratio_slope=0.5, ratio_min=0.0, ratio_max=1.0,
               erank_avg=90.0, center=True)
@@ -21,9 +22,10 @@ REGISTRY = {
     "fps": (fps, {}),
     "vispruner": (vispruner, dict(_RATIO, similarity_features=None)),
     "bat": (bat, dict(_RATIO, similarity_features=None, bat_knn=5)),
+    "visionzip": (visionzip, dict(keys=None, contextual=None, cls_token=None)),
     "mix": (mix, dict(_RATIO)),
     "random": (random, dict(seed=0)),
     "none": (none, {}),
 }
 METHODS = tuple(REGISTRY)
-MERGING = frozenset({"bat"})  # methods that return merged features, not indices
+MERGING = frozenset({"bat", "visionzip"})  # methods that return merged features, not indices

@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 
 from ..metrics import compute_dtype, erank_from_singular_values, singular_values
-from .common import attention_order, cosine_distances, greedy_max_min, round_half_up
+from .common import NORM_FLOOR, attention_order, cosine_distances, greedy_max_min, round_half_up
 
-VISPRUNER_STEP = 8  # tokens dropped per de-duplication round (VisPruner's r)
+VISPRUNER_STEP = 8  # at most this many tokens dropped per de-duplication round (VisPruner)
 
 
 def effective_ratio(x: torch.Tensor, ratio: float, ratio_rule: str, ratio_slope: float,
@@ -25,34 +25,40 @@ def effective_ratio(x: torch.Tensor, ratio: float, ratio_rule: str, ratio_slope:
     return r, {"ratio": r, "erank": e}
 
 
-def _split(x, a, k, ratio_args):
+def _split(x, a, k, ratio_args, count=round_half_up):
+    """(top `count(K*R)` attention tokens, the rest in attention order, K - that, stats)."""
     r, stats = effective_ratio(x, **ratio_args)
-    k_att = min(round_half_up(r * k), k)
+    k_att = min(count(k * r), k)
     order = attention_order(a)
     return order[:k_att], order[k_att:], k - k_att, stats
 
 
 def vispruner(x: torch.Tensor, a: torch.Tensor, k: int, similarity_features=None,
               **ratio_args) -> tuple[torch.Tensor, dict]:
-    """VisPruner: top-R*K attention tokens, then ToMe-style de-duplication of the rest.
+    """VisPruner as the official `encode_images` (Theia-4869/VisPruner, llava_arch.py).
 
-    The rest, in descending attention order, is split alternately into A and B; the A tokens
-    most similar (cosine) to any B token are dropped, at most 8 per round, until K - R*K remain.
-    Survivors keep their attention order (ours); ties drop the earlier A token first (ours).
+    The int(K*R) tokens of largest attention are kept; the rest (descending attention) are
+    de-duplicated in rounds until K - int(K*R) remain: split alternately into A (even positions)
+    and B (odd), score each A token by its largest cosine similarity to B, drop the
+    r = min(8, excess) best-scored A tokens and continue on [the other A tokens by descending
+    score, then B]. Ours (README, Our choices) where the official indexing breaks: a round drops
+    all of A when A has fewer than r tokens, and exactly r when the list is odd; equal scores
+    keep the earlier A token first (the official argsort is unstable).
     """
-    important, rest, k_div, stats = _split(x, a, k, ratio_args)
-    sim_x = x if similarity_features is None else similarity_features
-    sim = 1 - cosine_distances(sim_x)
-    cand = rest
-    while cand.numel() > k_div and k_div > 0:
-        a_part, b_part = cand[0::2], cand[1::2]
-        excess = cand.numel() - k_div
-        drop = min(VISPRUNER_STEP, excess, a_part.numel())
-        score = sim[a_part][:, b_part].max(dim=1).values
-        dropped = a_part[torch.sort(score, descending=True, stable=True).indices[:drop]]
-        cand = cand[~torch.isin(cand, dropped)]
-    kept = important if k_div == 0 else torch.cat([important, cand])
-    return kept, stats
+    important, rest, k_div, stats = _split(x, a, k, ratio_args, count=int)
+    if k_div == 0:
+        return important, stats
+    f = (x if similarity_features is None else similarity_features)[rest]
+    f = f.to(compute_dtype(f))
+    f = f / f.norm(dim=1, keepdim=True).clamp_min(NORM_FLOOR)
+    sim = f @ f.T  # over the rest only, indexed by position in `rest`
+    cand = torch.arange(rest.numel(), device=rest.device)
+    while (r := min(VISPRUNER_STEP, cand.numel() - k_div)) > 0:
+        part_a, part_b = cand[0::2], cand[1::2]
+        score = sim[part_a][:, part_b].max(dim=1).values
+        ranked = torch.sort(score, descending=True, stable=True).indices
+        cand = torch.cat([part_a[ranked[r:]], part_b])
+    return torch.cat([important, rest[cand]]), stats
 
 
 def mix(x: torch.Tensor, a: torch.Tensor, k: int, **ratio_args) -> tuple[torch.Tensor, dict]:

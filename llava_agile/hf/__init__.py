@@ -1,0 +1,102 @@
+"""Hugging Face transformers adapter: `LlavaForConditionalGeneration` (LLaVA-1.5) and
+`LlavaNextForConditionalGeneration` (LLaVA-NeXT) with the stock `generate()`.
+
+Imported only when such a model is enabled (`llava_agile.enable` dispatches here), so
+`import llava_agile` never imports transformers' new classes. Tested on transformers 4.57.6 and
+5.24.0 (`pip install -e .[hf]`).
+"""
+from __future__ import annotations
+
+import re
+import warnings
+
+from ..llava.runtime import as_config
+from ..methods import MERGING
+from . import model as _model
+from . import processor as _processor
+from .generate import generate
+from .model import SUPPORTED, family
+
+TESTED = ("4.57.6", "5.24.0")
+_TESTED_MINORS = {(4, 57), (5, 24)}
+
+__all__ = ["enable", "disable", "generate", "is_enabled", "family", "SUPPORTED", "TESTED"]
+
+
+def check_transformers(version: str | None = None) -> tuple[int, int]:
+    """Warns outside the tested releases; the hook points themselves are checked by `enable`."""
+    if version is None:
+        import transformers
+        version = transformers.__version__
+    m = re.match(r"\s*(\d+)\.(\d+)", version)
+    major, minor = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+    if (major, minor) < (4, 52):
+        raise RuntimeError(f"transformers {version} is too old for llava_agile's HF adapter (it "
+                           f"patches LlavaModel, new in 4.52); install transformers=={TESTED[0]} "
+                           f"or =={TESTED[1]} (pip install -e .[hf])")
+    if (major, minor) not in _TESTED_MINORS:
+        warnings.warn(f"transformers {version} is outside the versions llava_agile's HF adapter "
+                      f"is tested on ({' and '.join(TESTED)}); install one of them "
+                      f"(pip install -e .[hf]) if pruning misbehaves", stacklevel=3)
+    return major, minor
+
+
+def is_enabled(model) -> bool:
+    return isinstance(getattr(model, "__dict__", {}).get("_agile_state"), _model.State)
+
+
+def enable(model, processor=None, method="adaptive", keep: int | None = None, *,
+           feature_space: str | None = None, anyres_mode: str | None = None, **params):
+    """Prune the visual tokens of an HF LLaVA / LLaVA-NeXT model; returns the model.
+
+    The processor instance is patched to emit K placeholders per image (LLaVA-NeXT: K in the
+    `global` anyres mode, plus its newlines), so `model.generate(**processor(...))` feeds the LLM
+    K tokens per image. `adaptive_count=True` and NeXT's `shared` / `per_crop` modes give
+    data-dependent counts: use `llava_agile.generate(model, **inputs, ...)` for them.
+    """
+    check_transformers()
+    kind = family(model)
+    if kind is None:
+        raise ValueError(f"{type(model).__name__} is not a supported HF model; supported: "
+                         f"{', '.join(SUPPORTED.values())}")
+    cfg = as_config(method, keep, feature_space, anyres_mode, **params)
+    if cfg.method in MERGING and kind == "llava_next":
+        raise ValueError(f"method {cfg.method!r} merges tokens, which have no grid position, so "
+                         f"it cannot run on LLaVA-NeXT (anyres) crops; pick an index method")
+    _processor.check(processor, model, kind)
+    if not hasattr(model, "model"):
+        raise ValueError(f"{type(model).__name__} has no inner .model (LlavaModel, transformers "
+                         f">= 4.52); install transformers=={TESTED[0]} or =={TESTED[1]}")
+    if is_enabled(model):
+        disable(model)
+    state = _model.new_state(model, cfg, kind)
+    state.fixed_count = not cfg.params.get("adaptive_count") and \
+        (kind == "llava" or cfg.anyres_mode == "global")
+    try:
+        _model.patch(model, state)
+        _processor.patch(processor, model, state)
+    except Exception:
+        _processor.restore(state) if state.processor is not None else None
+        _model.unpatch(state)
+        raise
+    model._agile_state = state
+    model.agile_config = cfg
+    model.agile_stats = []
+    return model
+
+
+def disable(model, processor=None):
+    """Undo `enable` on the model and on the processor it patched; returns the model."""
+    state = getattr(model, "__dict__", {}).get("_agile_state")
+    if state is None:
+        return model
+    if processor is not None and state.processor is not None and processor is not state.processor:
+        raise ValueError("this processor is not the one llava_agile.enable patched for this "
+                         "model; pass that one (or none)")
+    model.__dict__.pop("_agile_state")
+    _model.unpatch(state)
+    if state.processor is not None:
+        _processor.restore(state)
+    for name in ("agile_config", "agile_stats"):
+        model.__dict__.pop(name, None)
+    return model

@@ -1,0 +1,425 @@
+"""`--model llava_agile`: lmms-eval's `llava` wrapper (haotian-liu's LLaVA codebase) with pruning.
+
+Requests are handled as lmms-eval 0.7.3's `Llava` handles them (same prompt: `<image>` tokens
+before the context, LLaVA's conversation template, `tokenizer_image_token`, same generation
+defaults); what differs:
+- loading: `llava_agile.load_pretrained_model(..., pruning=cfg)`, model_args `pruning`, `keep`,
+  `pruning_args`, `erank_avg_file` checked by `PruneConfig.from_args` before anything loads
+  (one ValueError naming the fix; unknown model_args are refused the same way);
+- devices: the GLOBAL rank (multi-node), CPU runs in float32 (also several processes: gloo),
+  GPU in float16 (`dtype=` overrides), one GPU per process; `device_map=auto` loads as the
+  wrapper does with it (one process, LLaVA's builder places and casts); images in the model's
+  dtype;
+- `loglikelihood` returns its `(loss, greedy)` pairs wrapped so that lmms-eval 0.7.3's
+  `unwrap_generation_output` keeps them (it turns bare tuples into strings), so
+  multiple-choice tasks score;
+- every request reports `TokenCounts`: input_tokens = the LLM's prefill length (text + kept
+  visual tokens), output_tokens = generated tokens; lmms-eval's efficiency block sums them;
+- `agile_stats` (kept tokens per image, prefill, pruning time) per rank, padding requests
+  excluded, written next to the results (`agile_stats_rank{R}.json`, and on rank 0
+  `agile_stats.json` over all ranks);
+- any exception while handling requests logs the error and ends the process with exit code 1
+  (lmms-eval would otherwise report exit 0, and the other ranks would wait at the next barrier).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import json
+import os
+import sys
+import traceback
+from datetime import timedelta
+
+import torch
+from accelerate import Accelerator, InitProcessGroupKwargs
+from loguru import logger as eval_logger
+from tqdm import tqdm
+
+from lmms_eval import utils
+from lmms_eval.api.instance import GenerationResult, TokenCounts
+from lmms_eval.api.model import lmms
+from lmms_eval.models.simple.llava import Llava
+
+from ..config import PruneConfig
+from ..llava.runtime import load_pretrained_model
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+PRUNING_KEYS = ("keep", "pruning_args", "erank_avg_file")
+
+
+def _unquote(value):
+    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+        return value[1:-1]
+    return value
+
+
+def pruning_config(pruning=None, keep=None, pruning_args=None, erank_avg_file=None):
+    """The PruneConfig that the model_args ask for (None: no pruning); ValueError on bad input.
+
+    `pruning_args` holds key=value pairs separated by ',' (quote the value: lmms-eval splits
+    model_args on unquoted commas) or ';'."""
+    if pruning is None:
+        given = [k for k, v in zip(PRUNING_KEYS, (keep, pruning_args, erank_avg_file))
+                 if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} given without pruning=METHOD; add e.g. "
+                             f"pruning=adaptive to --model_args")
+        return None
+    text = _unquote(pruning_args)
+    if isinstance(text, str):
+        text = text.replace(";", ",")
+    elif text is not None:
+        raise ValueError(f"pruning_args must be key=value pairs, e.g. "
+                         f"pruning_args=\"erank_avg=90,tau_max=0.3\", got {pruning_args!r}")
+    return PruneConfig.from_args(str(pruning), 64 if keep is None else keep, text,
+                                 erank_avg_file=_unquote(erank_avg_file))
+
+
+def _output_path():
+    """lmms-eval's --output_path (results go to OUTPUT/<model>/...), or None."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--output_path", default=None)
+    return parser.parse_known_args(sys.argv[1:])[0].output_path
+
+
+class LlavaAgile(Llava):
+    """lmms-eval model `llava_agile`; see the module docstring."""
+
+    is_simple = True
+
+    def __init__(self, pretrained: str = "liuhaotian/llava-v1.5-7b", pruning: str | None = None,
+                 keep: int | None = None, pruning_args: str | None = None,
+                 erank_avg_file: str | None = None, device: str | None = None,
+                 dtype: str | None = None, batch_size=1, max_batch_size=None,
+                 model_name: str | None = None, model_base: str | None = None,
+                 conv_template: str = "vicuna_v1", use_cache: bool = True,
+                 truncation: bool = True, truncate_context: bool = False,
+                 tie_weights: bool = True, attn_implementation: str | None = None,
+                 device_map: str | None = None, stats_dir: str | None = None, **unknown) -> None:
+        lmms.__init__(self)
+        if unknown:
+            accepted = [p for p in inspect.signature(LlavaAgile.__init__).parameters
+                        if p not in ("self", "unknown", "max_batch_size")]
+            raise ValueError(f"llava_agile: unknown --model_args {', '.join(sorted(unknown))}; "
+                             f"accepted: {', '.join(accepted)}")
+        try:
+            cfg = pruning_config(pruning, keep, pruning_args, erank_avg_file)
+        except ValueError as exc:
+            raise ValueError(f"llava_agile --model_args: {exc}") from None
+        if dtype is not None and dtype not in DTYPES:
+            raise ValueError(f"llava_agile --model_args: dtype must be one of "
+                             f"{', '.join(DTYPES)}, got {dtype!r}")
+        if not str(batch_size).isdigit() or int(batch_size) < 1:
+            raise ValueError(f"llava_agile: --batch_size must be an integer >= 1 (1 recommended), "
+                             f"got {batch_size!r}")
+        if int(batch_size) > 1:
+            eval_logger.warning("llava_agile: --batch_size > 1 pads prompts on the tokenizer's "
+                                "side (right for LLaVA), as lmms-eval's llava does; use 1 for "
+                                "LLaVA's answers")
+
+        if device_map not in (None, "auto"):
+            raise ValueError(f"llava_agile --model_args: device_map must be 'auto' (one process, "
+                             f"the model spread over every visible GPU) or left out, got "
+                             f"{device_map!r}")
+        timeout = InitProcessGroupKwargs(timeout=timedelta(weeks=52))  # as lmms-eval's llava
+        accelerator = Accelerator(kwargs_handlers=[timeout])
+        self.accelerator = accelerator
+        self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
+        if device_map == "auto" and self._world_size > 1:
+            raise ValueError("llava_agile: device_map=auto spreads one model over all GPUs in one "
+                             "process; run it without torchrun / accelerate launch, or drop it")
+        on_cpu = str(device).startswith("cpu") or not torch.cuda.is_available()
+        if on_cpu:
+            self._device = torch.device("cpu")
+        elif self._world_size == 1 and device is not None and str(device).startswith("cuda:"):
+            self._device = torch.device(device)  # one process: the GPU asked for
+        else:  # one GPU per process of this node
+            self._device = torch.device(f"cuda:{accelerator.local_process_index}")
+        self.device_map = device_map or str(self._device)
+        if device_map is None:
+            dtype = DTYPES[dtype or ("float32" if on_cpu else "float16")]
+        else:  # LLaVA's builder decides (float16 LLM; on CPU its CLIP tower stays float32)
+            dtype = DTYPES.get(dtype)
+        extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+        if model_name is None:
+            from llava.mm_utils import get_model_name_from_path
+            model_name = get_model_name_from_path(pretrained)
+        if device_map is None:
+            extra.update(device=self.device_map, device_map=self.device_map)
+        else:  # as lmms-eval's llava with device_map=auto
+            extra.update(device_map=device_map)
+        loaded = load_pretrained_model(pretrained, model_base, model_name, pruning=cfg, **extra)
+        self._tokenizer, self._model, self._image_processor, self._max_length = loaded
+        if dtype is not None:
+            self._model.to(dtype=dtype)
+        self._model.eval()
+        if device_map is not None:  # inputs go where the embeddings are
+            self._device = self._model.get_model().embed_tokens.weight.device
+        if tie_weights:
+            self._model.tie_weights()
+        self._config = self._model.config
+        self.pruning = cfg
+        self.pretrained = pretrained
+        self.batch_size_per_gpu = int(batch_size)
+        self.conv_template = conv_template
+        self.use_cache = use_cache
+        self.truncation = truncation
+        self.truncate_context = truncate_context
+        self.stats_dir = stats_dir
+        self.agile_records: list[dict] = []
+        self._prefill: list[int] | None = None
+        self._model.get_model().register_forward_pre_hook(self._record_prefill, with_kwargs=True)
+        eval_logger.info(f"llava_agile: rank {self._rank}/{self._world_size} on {self._device} "
+                         f"({self._model.dtype}), pruning {cfg.to_dict() if cfg else 'off'}")
+
+    # ------------------------------------------------------------ measuring
+
+    def _record_prefill(self, module, args, kwargs):
+        """The first LLM call of a request (the prefill): tokens per sample, padding excluded."""
+        embeds = kwargs.get("inputs_embeds")
+        if self._prefill is not None or embeds is None:
+            return
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2:
+            self._prefill = [int(n) for n in mask.sum(1).tolist()]
+        else:
+            self._prefill = [int(embeds.shape[1])] * embeds.shape[0]
+
+    def _images(self, visuals):
+        from llava.mm_utils import process_images
+
+        if not visuals:
+            return None
+        image = process_images(visuals, self._image_processor, self._config)
+        dtype = self.model.dtype
+        if type(image) is list:
+            return [x.to(dtype=dtype, device=self.device) for x in image]
+        return image.to(dtype=dtype, device=self.device)
+
+    def _log_requests(self, reqs, counts, prefill, generated=None):
+        """One record per request (not for lmms-eval's padding copies); returns TokenCounts."""
+        stats = list(getattr(self.model, "agile_stats", None) or []) if self.pruning else []
+        out, start = [], 0
+        for i, req in enumerate(reqs):
+            images = stats[start:start + counts[i]]
+            start += counts[i]
+            tc = TokenCounts(input_tokens=prefill[i] if prefill else None,
+                             output_tokens=None if generated is None else generated[i])
+            out.append(tc)
+            if (req.metadata or {}).get("__padding_only__"):
+                continue
+            self.agile_records.append({
+                "task": req.task_name, "doc_id": req.doc_id, "request": req.request_type,
+                "images": counts[i], "prefill": tc.input_tokens, "output": tc.output_tokens,
+                "kept": [s.get("kept") for s in images],
+                "prune_ms": [round(float(s.get("prune_ms", 0.0)), 4) for s in images]})
+        return out
+
+    def _fail(self, what):
+        """Fail fast: log, then end this process (torchrun / accelerate then stop the others)."""
+        message = (f"llava_agile: rank {self.rank}/{self.world_size}: {what} failed; ending the "
+                   f"run (exit 1)\n{traceback.format_exc()}")
+        eval_logger.error(message)
+        print(message, file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+
+    # ------------------------------------------------------------ requests
+
+    def loglikelihood(self, requests):
+        try:
+            return self._loglikelihood(requests)
+        except Exception:
+            self._fail("loglikelihood")
+
+    def generate_until(self, requests):
+        try:
+            return self._generate_until(requests)
+        except Exception:
+            self._fail("generate_until")
+
+    def _prompt(self, question):
+        from llava.conversation import conv_templates
+
+        template = conv_templates[self.conv_template]
+        conv = copy.deepcopy(template) if "llama_3" in self.conv_template else template.copy()
+        conv.append_message(conv.roles[0], question)
+        conv.append_message(conv.roles[1], None)
+        return conv
+
+    def _ids(self, prompt):
+        from llava.constants import IMAGE_TOKEN_INDEX
+        from llava.mm_utils import tokenizer_image_token
+
+        return tokenizer_image_token(prompt, self.tokenizer, IMAGE_TOKEN_INDEX,
+                                     return_tensors="pt").unsqueeze(0).to(self.device)
+
+    def _loglikelihood(self, requests):
+        """lmms-eval's Llava.loglikelihood, model dtype images, results kept as tuples."""
+        from llava.constants import DEFAULT_IMAGE_TOKEN
+
+        res = []
+        pbar = tqdm(total=len(requests), disable=(self.rank != 0), desc="Model Responding")
+        for req in requests:
+            contexts, doc_to_target, doc_to_visual, doc_id, task, split = req.args
+            doc = self.task_dict[task][split][doc_id]
+            continuation = doc_to_target if type(doc_to_target) is str else doc_to_target(doc)
+            visuals = self.flatten([doc_to_visual(doc)])
+            image_sizes = [[v.size[0], v.size[1]] for v in visuals]
+            image = self._images(visuals)
+            prompts_input = contexts[0] if isinstance(contexts, list) else contexts
+            if image is not None and len(image) != 0 and DEFAULT_IMAGE_TOKEN not in prompts_input:
+                prompts_input = " ".join([DEFAULT_IMAGE_TOKEN] * len(visuals)) + "\n" + \
+                    prompts_input
+            conv = self._prompt(prompts_input)
+            context_ids = self._ids(conv.get_prompt())
+            conv.messages[1][1] = continuation
+            input_ids = self._ids(conv.get_prompt())
+            labels = input_ids.clone()
+            labels[0, :context_ids.shape[1]] = -100
+            self._prefill = None
+            with torch.inference_mode():
+                outputs = self.model(input_ids=input_ids, labels=labels, images=image,
+                                     use_cache=True, image_sizes=image_sizes)
+            greedy = outputs["logits"].argmax(dim=-1)[:, context_ids.shape[1]:input_ids.shape[1]]
+            max_equal = bool((greedy == input_ids[:, context_ids.shape[1]:]).all())
+            (tc,) = self._log_requests([req], [len(visuals)], self._prefill, [0])
+            # a bare (loss, greedy) tuple would become a string in unwrap_generation_output
+            res.append(GenerationResult(text=(float(outputs["loss"].item()), max_equal),
+                                        token_counts=tc))
+            pbar.update(1)
+        pbar.close()
+        return res
+
+    def _generate_until(self, requests):
+        """lmms-eval's Llava.generate_until, model dtype images, TokenCounts and agile_stats."""
+        from llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+        from llava.mm_utils import tokenizer_image_token
+
+        res = []
+        re_ords = utils.Collator([(*reg.args, reg) for reg in requests],
+                                 lambda x: (-len(self.tok_encode(x[0])), x[0]), grouping=True)
+        chunks = re_ords.get_batched(n=self.batch_size, batch_fn=None)
+        pbar = tqdm(total=-(-len(requests) // self.batch_size), disable=(self.rank != 0),
+                    desc="Model Responding")
+        for chunk in chunks:
+            contexts, all_gen_kwargs, doc_to_visual, doc_id, task, split, reqs = zip(*chunk)
+            task, split = task[0], split[0]
+            batched_visuals = [doc_to_visual[0](self.task_dict[task][split][i]) for i in doc_id]
+            flattened_visuals = self.flatten(batched_visuals)
+            gen_kwargs = dict(all_gen_kwargs[0])
+            gen_kwargs.pop("until", None)  # as in Llava: stop strings are not applied
+            if "image_aspect_ratio" in gen_kwargs and \
+                    "image_aspect_ratio" not in self._config.__dict__:
+                self._config.image_aspect_ratio = gen_kwargs.pop("image_aspect_ratio")
+            image_tensor = self._images(flattened_visuals)
+            prompts, counts = [], []
+            for visual, context in zip(batched_visuals, contexts):
+                n = len(visual) if isinstance(visual, list) else 1
+                if image_tensor is not None and len(image_tensor) != 0 and \
+                        DEFAULT_IMAGE_TOKEN not in context:
+                    context = " ".join([DEFAULT_IMAGE_TOKEN] * n) + "\n" + context
+                prompts.append(self._prompt(context).get_prompt())
+                counts.append(len(visual) if isinstance(visual, list) else int(visual is not None))
+            gen_kwargs["image_sizes"] = [v.size for v in flattened_visuals]
+            gen_kwargs.setdefault("max_new_tokens", 1024)
+            gen_kwargs.setdefault("temperature", 0)
+            gen_kwargs.setdefault("top_p", None)
+            gen_kwargs.setdefault("num_beams", 1)
+            ids = [tokenizer_image_token(p, self.tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")
+                   for p in prompts]
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
+                else self.tokenizer.eos_token_id
+            input_ids = self.pad_sequence(ids, batch_first=True, padding_value=pad).to(self.device)
+            self._prefill = None
+            cont = self.model.generate(
+                input_ids, attention_mask=input_ids.ne(pad).to(self.device), pad_token_id=pad,
+                images=image_tensor, image_sizes=gen_kwargs["image_sizes"],
+                do_sample=gen_kwargs["temperature"] > 0, temperature=gen_kwargs["temperature"],
+                top_p=gen_kwargs["top_p"], num_beams=gen_kwargs["num_beams"],
+                max_new_tokens=gen_kwargs["max_new_tokens"], use_cache=self.use_cache)
+            text_outputs = self.tokenizer.batch_decode(cont, skip_special_tokens=True)
+            # transformers 4.37 starts the output of an inputs_embeds generate with the BOS
+            bos = self.tokenizer.bos_token_id
+            start = int(cont.shape[1] > 0 and bos is not None and bool((cont[:, 0] == bos).all()))
+            generated = [_generated_tokens(row[start:], self.tokenizer.eos_token_id, pad)
+                         for row in cont]
+            counts_tc = self._log_requests(reqs, counts, self._prefill, generated)
+            res.extend(GenerationResult(text=t, token_counts=tc)
+                       for t, tc in zip(text_outputs, counts_tc))
+            self.cache_hook.add_partial("generate_until", (contexts[-1], gen_kwargs), text_outputs)
+            pbar.update(1)
+        res = re_ords.get_original(res)
+        pbar.close()
+        return res
+
+    # ------------------------------------------------------------ statistics
+
+    def agile_summary(self, records=None) -> dict:
+        """Per task: requests, images, mean / min / max kept tokens per image, mean prefill."""
+        records = self.agile_records if records is None else records
+        tasks = {}
+        for r in records:
+            t = tasks.setdefault(r["task"], {"requests": 0, "images": 0, "kept": [], "prefill": [],
+                                             "prune_ms": []})
+            t["requests"] += 1
+            t["images"] += r["images"]
+            t["kept"] += [k for k in r["kept"] if k is not None]
+            t["prune_ms"] += r["prune_ms"]
+            if r["prefill"] is not None:
+                t["prefill"].append(r["prefill"])
+        out = {}
+        for name, t in tasks.items():
+            kept, pre, ms = t.pop("kept"), t.pop("prefill"), t.pop("prune_ms")
+            out[name] = dict(t, kept_per_image_mean=sum(kept) / len(kept) if kept else None,
+                             kept_per_image_min=min(kept, default=None),
+                             kept_per_image_max=max(kept, default=None),
+                             prefill_tokens_mean=sum(pre) / len(pre) if pre else None,
+                             prune_ms_mean=sum(ms) / len(ms) if ms else None)
+        return out
+
+    def _write_stats(self):
+        root = self.stats_dir or _output_path()
+        records = self.agile_records
+        gathered = [records]
+        dist = torch.distributed
+        if self.world_size > 1 and dist.is_available() and dist.is_initialized():
+            gathered = [None] * self.world_size
+            dist.all_gather_object(gathered, records)
+        if root is None:
+            return
+        from lmms_eval.utils import sanitize_model_name
+
+        folder = root if self.stats_dir else \
+            os.path.join(root, sanitize_model_name(str(self.pretrained)))
+        os.makedirs(folder, exist_ok=True)
+        head = {"model": "llava_agile", "pretrained": str(self.pretrained),
+                "pruning": self.pruning.to_dict() if self.pruning else None,
+                "world_size": self.world_size}
+        with open(os.path.join(folder, f"agile_stats_rank{self.rank}.json"), "w") as f:
+            json.dump(dict(head, rank=self.rank, summary=self.agile_summary(), samples=records), f,
+                      indent=1)
+        if self.rank == 0:
+            every = [r for part in gathered for r in part]
+            with open(os.path.join(folder, "agile_stats.json"), "w") as f:
+                json.dump(dict(head, summary=self.agile_summary(every), samples=every), f, indent=1)
+
+    def clean(self):
+        """lmms-eval calls this on every rank once all requests ran: write the statistics."""
+        try:
+            self._write_stats()
+        except Exception:
+            self._fail("writing agile_stats")
+        super().clean()
+
+
+def _generated_tokens(row, eos, pad) -> int:
+    """Generated tokens before the first end-of-sequence (or padding) token."""
+    n = 0
+    for tok in row.tolist():
+        if tok == eos or tok == pad:
+            break
+        n += 1
+    return n

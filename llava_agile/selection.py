@@ -1,0 +1,89 @@
+"""Framework-neutral selection steps shared by the original-LLaVA and the Hugging Face adapters.
+
+Both adapters get, per image, the select layer's CLIP features `clip [B, N, Dv]`, the [CLS]
+attention rows `attn [B, N]` (from `llava.attention.ClsAttentionHook`) and a projector; these
+functions choose the tokens the LLM sees. No LLaVA or transformers import here.
+"""
+from __future__ import annotations
+
+import torch
+
+from .methods import MERGING
+
+
+def select(cfg, space, attn, clip, keep: int, keys=None, cls=None):
+    """`prune` on `[B, N, .]` as the LLaVA runtime does it: (PruneResult, milliseconds).
+    visionzip: `keys`, the select layer's patch keys, `cls` its [CLS] token in `space`."""
+    from .llava.runtime import _select
+
+    return _select(cfg, space, attn, clip, keep, keys, cls)
+
+
+def needs_keys(method: str) -> bool:
+    """Does `method` take the select layer's keys (recorded by the [CLS] hook)?"""
+    from .methods import REGISTRY
+
+    return "keys" in REGISTRY[method][1]
+
+
+def flat_tokens(cfg, projector, clip: torch.Tensor, attn: torch.Tensor, proj=None, keys=None,
+                cls=None):
+    """One crop per image (LLaVA-1.5): (list of `[K, D]` LLM tokens, list of per-image stats).
+
+    Selection runs on the projected tokens (or, `feature_space="vision"`, on the CLIP features,
+    which are then projected); merging methods return their merged features. visionzip: `keys`
+    and `cls` (the select layer's [CLS] hidden state `[B, Dv]`) from the hook."""
+    vision = cfg.feature_space == "vision"
+    if proj is None and not vision:
+        proj = projector(clip)
+    cls = cls if vision or cls is None else projector(cls)
+    res, ms = select(cfg, clip if vision else proj, attn, clip, cfg.keep, keys, cls)
+    feats, stats = [], []
+    for b in range(clip.shape[0]):
+        st = dict(res.stats[b], prune_ms=ms / clip.shape[0])  # one batched call: its mean
+        if res.indices is None:
+            f = projector(res.features[b]) if vision else res.features[b]
+        else:
+            idx = res.indices[b]
+            f = projector(clip[b, idx]) if vision else proj[b, idx]
+            st["indices"] = idx.tolist()
+        st["tokens"] = int(f.shape[0])
+        feats.append(f)
+        stats.append(st)
+    return feats, stats
+
+
+def crop_mask(cfg, space, attn, clip, candidates=None):
+    """Several crops of one image (LLaVA-NeXT anyres): which `[n, N]` positions to keep.
+
+    `anyres_mode`: "shared" selects on the base crop and reuses its grid positions in every crop,
+    "per_crop" selects K in every crop, "global" selects K over `candidates` (crop, patch): the
+    base crop and the high-res cells that survive unpadding, in the LLM's order (every position
+    when None). Returns (mask, stats of the selection, milliseconds, extra stats)."""
+    n, N = attn.shape
+    if cfg.method in MERGING and n > 1:
+        raise ValueError(f"method {cfg.method!r} merges tokens and cannot run on several "
+                         f"crops per image; pick an index method")
+    mask = torch.zeros(n, N, dtype=torch.bool, device=attn.device)
+    mode = cfg.anyres_mode if n > 1 else "per_crop"
+    extra = {}
+    if mode == "shared":
+        res, ms = select(cfg, space[:1], attn[:1], clip[:1], cfg.keep)
+        mask[:, res.indices[0]] = True
+    elif mode == "per_crop":
+        res, ms = select(cfg, space, attn, clip, cfg.keep)
+        for c in range(n):
+            mask[c, res.indices[c]] = True
+        if n > 1:
+            extra["crop_stats"] = res.stats
+    else:
+        if candidates is None:
+            dev = attn.device
+            candidates = (torch.arange(n, device=dev).repeat_interleave(N),
+                          torch.arange(N, device=dev).repeat(n))
+        crop, patch = candidates
+        res, ms = select(cfg, space[crop, patch][None], attn[crop, patch][None],
+                         clip[crop, patch][None], cfg.keep)
+        idx = res.indices[0]
+        mask[crop[idx], patch[idx]] = True
+    return mask, res.stats[0], ms, dict(extra, mode=mode if n > 1 else None)

@@ -1,0 +1,277 @@
+"""HF LlavaForConditionalGeneration + llava_agile.enable == the original codebase + enable.
+
+The tiny random LLaVA-1.5 of llava_agile.assets is converted (llava_agile.hf.convert) to the
+llava-hf layout with the same weights; the original codebase's runs come from
+orig_reference.py under .venv. Same pixels, same prompt: the kept indices, the LLM's prefill
+embeddings and the greedy tokens must agree for every method.
+"""
+import warnings
+
+import pytest
+import torch
+
+import llava_agile
+from llava_agile.methods import MERGING
+from llava_agile.assets.tiny import tiny_image
+
+from orig_reference import IMAGES_15  # noqa: E402  (tests/hf is on sys.path)
+
+FAMILY = "llava"
+
+
+def image_token(model):
+    return model.config.image_token_id
+
+
+def hf_ids(ref, count, token):
+    """The original prompt ids with its image (-200) replaced by `count` placeholders."""
+    ids = ref["input_ids"][0]
+    pos = int((ids == -200).nonzero())
+    return torch.cat([ids[:pos], torch.full((count,), token), ids[pos + 1:]])[None]
+
+
+def run(model, ids, pixel_values, new_tokens, mask=None, **extra):
+    """Stock generate (greedy); returns (prefill inputs_embeds, generated ids)."""
+    seen = []
+    handle = model.model.language_model.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k.get("inputs_embeds")), with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, pixel_values=pixel_values, do_sample=False,
+                                 attention_mask=torch.ones_like(ids) if mask is None else mask,
+                                 max_new_tokens=new_tokens, **extra)
+    finally:
+        handle.remove()
+    return seen[0], out[:, ids.shape[1]:]
+
+
+def processor_count(processor, image, prompt, token):
+    ids = processor(images=image, text=prompt, return_tensors="pt")["input_ids"]
+    return int((ids == token).sum()), ids
+
+
+def test_converted_checkpoint_loads_every_weight(hf_llava, reference):
+    model, processor, info, _ = hf_llava
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ref = reference[FAMILY]
+    token = image_token(model)
+    n, ids = processor_count(processor, tiny_image(**IMAGES_15[0]), ref["prompt"], token)
+    assert n == 576
+    # one contiguous run; the text around it may tokenise differently from LLaVA's
+    # tokenizer_image_token (a space token before <image>), so the equivalence tests below give
+    # both models the original's ids with -200 replaced by the placeholders
+    where = (ids[0] == token).nonzero().flatten()
+    assert where[-1] - where[0] == 575
+    pix = processor(images=tiny_image(**IMAGES_15[0]), text=ref["prompt"],
+                    return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(pix, ref["images"][0]["pixel_values"], atol=2e-2, rtol=0)
+
+
+def test_unpatched_hf_reproduces_the_original(hf_llava, reference):
+    model, _, _, _ = hf_llava
+    ref = reference[FAMILY]
+    for i, img in enumerate(ref["images"]):
+        want = ref["runs"][(i, "unpatched", None)]
+        emb, tokens = run(model, hf_ids(ref, 576, image_token(model)), img["pixel_values"],
+                          ref["new_tokens"])
+        torch.testing.assert_close(emb[0], want["embeds"], rtol=1e-4, atol=1e-5)
+        assert tokens[0].tolist() == want["tokens"].tolist()
+
+
+@pytest.mark.parametrize("method", llava_agile.METHODS)
+def test_every_method_matches_the_original(hf_llava, reference, method):
+    model, processor, _, _ = hf_llava
+    ref = reference[FAMILY]
+    token = image_token(model)
+    full = 576
+    k = full if method == "none" else ref["keep"]
+    llava_agile.enable(model, processor=processor, method=method, keep=ref["keep"])
+    try:
+        count, ids = processor_count(processor, tiny_image(**IMAGES_15[0]), ref["prompt"], token)
+        assert count == k  # the processor emits K placeholders per image
+        for i, img in enumerate(ref["images"]):
+            want = ref["runs"][(i, method, None)]
+            ids = hf_ids(ref, k, token)
+            emb, tokens = run(model, ids, img["pixel_values"], ref["new_tokens"])
+            (st,) = model.agile_stats
+            (st0,) = want["stats"]
+            assert emb.shape[1] == ref["input_ids"].shape[1] - 1 + k  # prefill = text + K
+            if method in MERGING:
+                assert st["attention_indices"] == st0["attention_indices"]
+            else:
+                assert st["indices"] == st0["indices"] and len(st["indices"]) == k
+            assert st["kept"] == st0["kept"] == k
+            torch.testing.assert_close(emb[0], want["embeds"], rtol=1e-4, atol=1e-5)
+            assert tokens[0].tolist() == want["tokens"].tolist()
+    finally:
+        llava_agile.disable(model, processor)
+
+
+@pytest.mark.parametrize("method", llava_agile.METHODS)
+def test_sdpa_tower_gives_the_same_selection(hf_llava, reference, method):
+    """The tower keeps SDPA (the hook never needs output_attentions): on the noise image, where
+    no selection hinges on round-off, every method keeps what the original keeps."""
+    from conftest import set_tower_attention
+
+    model, processor, _, _ = hf_llava
+    ref = reference[FAMILY]
+    set_tower_attention(model, "sdpa")
+    llava_agile.enable(model, processor=processor, method=method, keep=ref["keep"])
+    try:
+        k = 576 if method == "none" else ref["keep"]
+        want = ref["runs"][(1, method, None)]
+        emb, tokens = run(model, hf_ids(ref, k, image_token(model)),
+                          ref["images"][1]["pixel_values"], ref["new_tokens"])
+        key = "attention_indices" if method in MERGING else "indices"
+        assert model.agile_stats[0][key] == want["stats"][0][key]
+        torch.testing.assert_close(emb[0], want["embeds"], rtol=1e-4, atol=1e-5)
+        assert tokens[0].tolist() == want["tokens"].tolist()
+    finally:
+        llava_agile.disable(model, processor)
+        set_tower_attention(model, "eager")
+
+
+def test_keep_all_is_the_unpatched_model_and_disable_restores(hf_llava, reference):
+    model, processor, _, _ = hf_llava
+    ref = reference[FAMILY]
+    img = tiny_image(**IMAGES_15[1])
+    before_inputs = processor(images=img, text=ref["prompt"], return_tensors="pt")
+    before = run(model, before_inputs["input_ids"], before_inputs["pixel_values"], 4)
+    proc_dict = dict(processor.__dict__)
+    inner_dict = set(model.model.__dict__)
+    attn = model.model.vision_tower
+    hooks = sum(len(m._forward_hooks) for m in attn.modules())
+    for method, keep in (("attention", 576), ("adaptive", 1000), ("none", 8)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            llava_agile.enable(model, processor=processor, method=method, keep=keep)
+            inputs = processor(images=img, text=ref["prompt"], return_tensors="pt")
+            got = run(model, inputs["input_ids"], inputs["pixel_values"], 4)
+        assert (keep > 576) == any("larger than the image's 576" in str(w.message)
+                                   for w in caught)
+        assert torch.equal(inputs["input_ids"], before_inputs["input_ids"])
+        torch.testing.assert_close(got[0], before[0], rtol=0, atol=0)
+        assert torch.equal(got[1], before[1])
+    llava_agile.enable(model, processor=processor, method="fps", keep=7)  # re-enable replaces
+    assert processor.num_additional_image_tokens == 1 + 7 - 576
+    llava_agile.disable(model, processor)
+    llava_agile.disable(model, processor)  # no-op
+    assert dict(processor.__dict__) == proc_dict and set(model.model.__dict__) == inner_dict
+    assert sum(len(m._forward_hooks) for m in attn.modules()) == hooks
+    for name in ("_agile_state", "agile_stats", "agile_config"):
+        assert name not in model.__dict__
+    after_inputs = processor(images=img, text=ref["prompt"], return_tensors="pt")
+    after = run(model, after_inputs["input_ids"], after_inputs["pixel_values"], 4)
+    assert torch.equal(after_inputs["input_ids"], before_inputs["input_ids"])
+    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
+
+
+def test_batch_with_padding_prunes_each_image_on_its_own(hf_llava, reference):
+    model, processor, _, _ = hf_llava
+    ref = reference[FAMILY]
+    imgs = [tiny_image(**spec) for spec in IMAGES_15]
+    prompts = [ref["prompt"], ref["prompt"].replace("What is in this image?",
+                                                    "Describe the picture please, what color?")]
+    processor.tokenizer.padding_side = "left"
+    llava_agile.enable(model, processor=processor, method="adaptive", keep=16)
+    try:
+        singles = []
+        for img, prompt in zip(imgs, prompts):
+            x = processor(images=img, text=prompt, return_tensors="pt")
+            singles.append((run(model, x["input_ids"], x["pixel_values"], 3)[1][0].tolist(),
+                            model.agile_stats[0]["indices"]))
+        x = processor(images=imgs, text=prompts, return_tensors="pt", padding=True)
+        assert (x["attention_mask"] == 0).any()  # the rows really are padded
+        _, out = run(model, x["input_ids"], x["pixel_values"], 3, mask=x["attention_mask"])
+        assert [s["indices"] for s in model.agile_stats] == [s[1] for s in singles]
+        assert [o.tolist() for o in out] == [s[0] for s in singles]
+    finally:
+        llava_agile.disable(model, processor)
+
+
+def test_adaptive_count_generate_matches_the_original(hf_llava, reference):
+    """Variable K: llava_agile.generate on a batch of two images whose K differ."""
+    model, processor, _, _ = hf_llava
+    ref = reference[FAMILY]
+    want = [ref["runs"][(i, "adaptive_count", None)] for i in range(2)]
+    ks = [w["stats"][0]["kept"] for w in want]
+    assert ks[0] != ks[1]
+    llava_agile.enable(model, processor=processor, method="adaptive", keep=ref["keep"],
+                       adaptive_count=True, erank_avg=ref["adaptive_count_erank_avg"])
+    try:
+        imgs = [tiny_image(**spec) for spec in IMAGES_15]
+        x = processor(images=imgs, text=[ref["prompt"]] * 2, return_tensors="pt", padding=True)
+        assert int((x["input_ids"] == image_token(model)).sum()) == 2 * 576  # not patched
+        with pytest.raises(ValueError, match="llava_agile.generate"):
+            model.generate(**x, max_new_tokens=1)
+        # the original's ids (LLaVA's tokenisation) with the unpatched count, as the processor
+        # would make them; llava_agile.generate drops each image's surplus and re-pads
+        ids = hf_ids(ref, 576, image_token(model)).repeat(2, 1)
+        x = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "pixel_values": torch.cat([img["pixel_values"] for img in ref["images"]])}
+        seen = []
+        handle = model.model.language_model.register_forward_pre_hook(
+            lambda m, a, k: seen.append(k.get("inputs_embeds")), with_kwargs=True)
+        try:
+            out, lengths = llava_agile.generate(model, **x, do_sample=False,
+                                                max_new_tokens=ref["new_tokens"])
+        finally:
+            handle.remove()
+        text = ref["input_ids"].shape[1] - 1
+        assert lengths.tolist() == [text + k for k in ks]
+        assert [s["kept"] for s in model.agile_stats] == ks
+        assert [s["indices"] for s in model.agile_stats] == [w["stats"][0]["indices"]
+                                                              for w in want]
+        width = int(lengths.max())
+        for i, w in enumerate(want):
+            assert out[i, width:].tolist()[:len(w["tokens"])] == w["tokens"].tolist()
+            torch.testing.assert_close(seen[0][i, width - lengths[i]:], w["embeds"],
+                                       rtol=1e-4, atol=1e-5)
+    finally:
+        llava_agile.disable(model, processor)
+
+
+def test_bad_input_is_a_clear_error(hf_llava, hf_next):
+    model, processor, _, _ = hf_llava
+    with pytest.raises(ValueError, match="needs its processor"):
+        llava_agile.enable(model, method="attention", keep=8)
+    with pytest.raises(ValueError, match="not the LlavaProcessor"):
+        llava_agile.enable(model, processor=hf_next[1], method="attention", keep=8)
+    with pytest.raises(ValueError, match="needs a LLaVA model; Linear is none of the supported"):
+        llava_agile.enable(torch.nn.Linear(2, 2), "attention", 8)
+    saved = processor.patch_size
+    processor.patch_size = 16
+    try:
+        with pytest.raises(ValueError, match="does not belong to this model.*patch_size 16"):
+            llava_agile.enable(model, processor=processor, method="attention", keep=8)
+    finally:
+        processor.patch_size = saved
+    layer = model.config.vision_feature_layer
+    model.config.vision_feature_layer = [-2, -1]
+    try:
+        with pytest.raises(ValueError, match=r"vision_feature_layer=\[-2, -1\].*one integer"):
+            llava_agile.enable(model, processor=processor, method="attention", keep=8)
+    finally:
+        model.config.vision_feature_layer = layer
+    with pytest.raises(ValueError, match="unknown pruning method"):
+        llava_agile.enable(model, processor=processor, method="nope", keep=8)
+    with pytest.raises(ValueError, match="llava_agile.generate is for transformers"):
+        llava_agile.generate(torch.nn.Linear(2, 2))
+    assert "_agile_state" not in model.__dict__ and "num_additional_image_tokens" in \
+        processor.__dict__ and processor.num_additional_image_tokens == 1
+    from llava_agile import hf
+    with pytest.warns(UserWarning, match="outside the versions .* tested"):
+        hf.check_transformers("5.30.0")
+    with pytest.raises(RuntimeError, match="too old"):
+        hf.check_transformers("4.45.0")
+    assert hf.check_transformers(__import__("transformers").__version__) in ((4, 57), (5, 24))
+
+
+def test_import_does_not_load_the_hf_adapter():
+    import subprocess
+    import sys
+    code = ("import sys, llava_agile; "
+            "bad = [m for m in sys.modules if m.startswith(('transformers', 'llava_agile.hf'))]; "
+            "assert not bad, bad")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr

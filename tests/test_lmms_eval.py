@@ -1,0 +1,292 @@
+"""`python -m lmms_eval --model llava_agile` end to end on CPU with the tiny LLaVA and a tiny local
+task (generated images in a local parquet; generate_until and multiple_choice variants).
+
+Runs in the lmms-eval venv (`make lmms-setup`, .venv-lmms); skipped where lmms-eval is not
+installed (the main .venv).
+"""
+import glob
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("lmms_eval")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+KEEP = 16
+N_TOKENS = 576  # 336 / 14 squared: the tiny LLaVA's visual tokens per image
+QUESTION = "What color is the box?"
+
+UTILS = '''
+def doc_to_visual(doc):
+    return [doc["image"].convert("RGB")]
+
+
+def doc_to_text(doc):
+    return doc["question"]
+
+
+def doc_to_choice(doc):
+    return ["red", "green", "blue"]
+'''
+
+GEN_YAML = '''task: tiny_agile_gen
+dataset_path: parquet
+dataset_kwargs:
+  data_files:
+    test: {parquet}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: !function utils.doc_to_text
+doc_to_target: "answer"
+generation_kwargs:
+  max_new_tokens: 4
+  temperature: 0
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+'''
+
+MC_YAML = '''task: tiny_agile_mc
+dataset_path: parquet
+dataset_kwargs:
+  data_files:
+    test: {parquet}
+test_split: test
+output_type: multiple_choice
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: !function utils.doc_to_text
+doc_to_choice: !function utils.doc_to_choice
+doc_to_target: "answer"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+'''
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    from datasets import Dataset, Features, Image, Value
+
+    from llava_agile.assets import build_tiny_llava, tiny_image
+
+    root = tmp_path_factory.mktemp("lmms")
+    model = build_tiny_llava(str(root / "tiny-llava-v1.5"), seed=0)
+    sizes = [(300, 200), (200, 320), (336, 336), (420, 260), (260, 260)]
+    rows = {"image": [tiny_image(i, s) for i, s in enumerate(sizes)],
+            "question": [QUESTION] * len(sizes),
+            "answer": ["red", "green", "blue", "red", "blue"]}
+    Dataset.from_dict(rows, features=Features(image=Image(), question=Value("string"),
+                                              answer=Value("string"))
+                      ).to_parquet(str(root / "tiny.parquet"))
+    tasks = root / "tasks"
+    tasks.mkdir()
+    (tasks / "utils.py").write_text(UTILS)
+    (tasks / "tiny_agile_gen.yaml").write_text(GEN_YAML.format(parquet=root / "tiny.parquet"))
+    (tasks / "tiny_agile_mc.yaml").write_text(MC_YAML.format(parquet=root / "tiny.parquet"))
+    return {"root": root, "model": model, "tasks": str(tasks), "docs": len(sizes),
+            "hf_home": str(root / "hf")}
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def lmms(env, out, model_args, tasks="tiny_agile_gen", model="llava_agile", nproc=1, extra=(),
+         more_env=None, timeout=600):
+    """Run the lmms-eval CLI; returns (returncode, stdout + stderr, results dict or None)."""
+    launcher = [sys.executable, "-m", "lmms_eval"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "lmms_eval"]
+    cmd = [*launcher, "--model", model, "--model_args", model_args, "--tasks", tasks,
+           "--include_path", env["tasks"], "--batch_size", "1", "--device", "cpu",
+           "--output_path", str(out), "--log_samples", *extra]
+    proc_env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
+                    TOKENIZERS_PARALLELISM="false", HF_HOME=env["hf_home"],
+                    HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore",
+                    **(more_env or {}))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=proc_env, timeout=timeout,
+                          cwd=str(env["root"]))
+    files = glob.glob(os.path.join(str(out), "*", "*_results.json"))
+    results = None
+    if files:
+        with open(files[0]) as f:
+            results = json.load(f)
+    return proc.returncode, proc.stdout + proc.stderr, results
+
+
+def samples(out, task):
+    (path,) = glob.glob(os.path.join(str(out), "*", f"*_samples_{task}.jsonl"))
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def text_tokens(model_path, question=QUESTION):
+    """Prompt tokens besides the image: LLaVA's template around '<image>\\n' + question."""
+    from llava_agile.assets import tiny_prompt
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path, use_fast=False)
+    return tiny_prompt(tok, question).shape[1] - 1
+
+
+@pytest.fixture(scope="module")
+def pruned(env):
+    out = env["root"] / "out-pruned"
+    rc, log, results = lmms(env, out, f"pretrained={env['model']},pruning=adaptive,keep={KEEP},"
+                                      f"pruning_args=\"erank_avg=90;tau_max=0.3\"",
+                            tasks="tiny_agile_gen,tiny_agile_mc")
+    return {"rc": rc, "log": log, "results": results, "out": out}
+
+
+def test_generate_until_pruned_results_written(env, pruned):
+    assert pruned["rc"] == 0, pruned["log"][-4000:]
+    res = pruned["results"]
+    assert res is not None, pruned["log"][-4000:]
+    assert "exact_match,none" in res["results"]["tiny_agile_gen"]
+    assert "pruning=adaptive" in res["config"]["model_args"]
+    assert f"keep={KEEP}" in res["config"]["model_args"]
+    rows = samples(pruned["out"], "tiny_agile_gen")
+    assert sorted(r["doc_id"] for r in rows) == list(range(env["docs"]))
+    text = text_tokens(env["model"])
+    for r in rows:  # prefill = text + K per image; output tokens counted
+        (tc,) = r["token_counts"]
+        assert tc["input_tokens"] == text + KEEP, r["token_counts"]
+        assert 0 <= tc["output_tokens"] <= 4
+    eff = res["efficiency"]["by_task"]["tiny_agile_gen"]
+    assert eff["total_input_tokens"] == env["docs"] * (text + KEEP)
+
+
+def test_multiple_choice_scores(env, pruned):
+    assert pruned["rc"] == 0, pruned["log"][-4000:]
+    acc = pruned["results"]["results"]["tiny_agile_mc"]["acc,none"]
+    assert 0.0 <= acc <= 1.0
+    rows = samples(pruned["out"], "tiny_agile_mc")
+    assert sorted(r["doc_id"] for r in rows) == list(range(env["docs"]))
+    choices = ["red", "green", "blue"]
+    for r in rows:  # one (loss, greedy) pair per choice reached the scorer (logged as text)
+        assert len(r["filtered_resps"]) == 3
+        losses = [float(loss) for loss, greedy in r["filtered_resps"]]
+        assert all(loss > 0 for loss in losses)
+        assert all(greedy in ("True", "False") for _, greedy in r["filtered_resps"])
+        # lmms-eval picks the choice with the lowest loss
+        assert r["acc"] == float(choices[losses.index(min(losses))] == r["target"])
+    assert acc == sum(r["acc"] for r in rows) / len(rows)
+
+
+def test_agile_stats_written(env, pruned):
+    assert pruned["rc"] == 0, pruned["log"][-4000:]
+    (folder,) = glob.glob(os.path.join(str(pruned["out"]), "*"))
+    with open(os.path.join(folder, "agile_stats.json")) as f:
+        stats = json.load(f)
+    assert stats["pruning"]["method"] == "adaptive" and stats["pruning"]["keep"] == KEEP
+    assert stats["pruning"]["params"] == {"erank_avg": 90, "tau_max": 0.3}
+    gen, mc = stats["summary"]["tiny_agile_gen"], stats["summary"]["tiny_agile_mc"]
+    assert gen["requests"] == gen["images"] == env["docs"]
+    assert mc["requests"] == mc["images"] == 3 * env["docs"]
+    for t in (gen, mc):
+        assert t["kept_per_image_mean"] == t["kept_per_image_min"] == KEEP
+        assert t["kept_per_image_max"] == KEEP
+    assert os.path.exists(os.path.join(folder, "agile_stats_rank0.json"))
+
+
+def test_pruning_none_matches_lmms_llava_wrapper(env):
+    """`pruning=none` keeps all 576 tokens; answers equal lmms-eval's own `llava` wrapper's on
+    the same model. The wrapper runs on CPU only with device_map=auto (LLaVA's builder: float16
+    LLM, float32 CLIP tower); ours loads the same way with device_map=auto (the tiny model's
+    top-2 logit margins are as small as 0.006, so the numerics must match, not just the dtype)."""
+    ours, theirs = env["root"] / "out-none", env["root"] / "out-llava"
+    rc, log, res = lmms(env, ours, f"pretrained={env['model']},pruning=none,device_map=auto")
+    assert rc == 0 and res is not None, log[-4000:]
+    rc, log2, res2 = lmms(env, theirs, f"pretrained={env['model']},device_map=auto",
+                          model="llava")
+    assert rc == 0 and res2 is not None, log2[-4000:]
+    a, b = samples(ours, "tiny_agile_gen"), samples(theirs, "tiny_agile_gen")
+    text = text_tokens(env["model"])
+    assert all(r["token_counts"][0]["input_tokens"] == text + N_TOKENS for r in a)
+    assert {r["doc_id"]: r["filtered_resps"] for r in a} == \
+        {r["doc_id"]: r["filtered_resps"] for r in b}
+
+
+def test_torchrun_two_processes_gather_all_samples(env):
+    out = env["root"] / "out-ddp"
+    rc, log, res = lmms(env, out, f"pretrained={env['model']},pruning=attention,keep=8", nproc=2)
+    assert rc == 0 and res is not None, log[-4000:]
+    rows = samples(out, "tiny_agile_gen")
+    assert sorted(r["doc_id"] for r in rows) == list(range(env["docs"]))
+    (folder,) = glob.glob(os.path.join(str(out), "*"))
+    per_rank = []
+    for rank in (0, 1):
+        with open(os.path.join(folder, f"agile_stats_rank{rank}.json")) as f:
+            per_rank.append(json.load(f))
+    # 5 docs on 2 ranks: rank 1 runs a padding copy that is not counted
+    assert [len(s["samples"]) for s in per_rank] == [3, 2]
+    with open(os.path.join(folder, "agile_stats.json")) as f:
+        every = json.load(f)
+    assert sorted(s["doc_id"] for s in every["samples"]) == list(range(env["docs"]))
+    assert every["summary"]["tiny_agile_gen"]["kept_per_image_mean"] == 8
+
+
+@pytest.mark.parametrize("bad,message", [
+    ("pruning=nosuch", "unknown pruning method 'nosuch'"),
+    ("pruning=adaptive,keep=0", "keep must be >= 1"),
+    ("pruning=adaptive,pruning_args=\"erank_avg=-1\"", "erank_avg must be > 0"),
+    ("keep=32", "keep given without pruning=METHOD"),
+    ("pruning=adaptive,kepp=32", "unknown --model_args kepp"),
+    ("dtype=float8", "dtype must be one of float32, float16, bfloat16"),
+    ("device_map=balanced", "device_map must be 'auto'"),
+])
+def test_bad_model_args_one_clear_error(bad, message):
+    from lmms_eval.models import get_model
+
+    cls = get_model("llava_agile")
+    assert cls.__name__ == "LlavaAgile"
+    with pytest.raises(ValueError, match=message):  # before any model is loaded
+        cls.create_from_arg_string(f"pretrained=/nonexistent,{bad}", {"device": "cpu"})
+
+
+def test_bad_model_args_cli(env):
+    out = env["root"] / "out-bad"
+    rc, log, res = lmms(env, out, f"pretrained={env['model']},pruning=nosuch")
+    assert res is None  # lmms-eval exits 0 on a failed run: check that results were written
+    assert "ValueError: llava_agile --model_args: unknown pruning method 'nosuch'; valid " \
+           "methods: adaptive" in log, log[-3000:]
+
+
+INJECT = '''
+import os
+
+if os.environ.get("RANK") == "1":  # a pruning error on rank 1 only
+    import llava_agile.llava.runtime as runtime
+
+    def _fail(*args, **kwargs):
+        raise RuntimeError("injected pruning failure")
+
+    runtime.prune = _fail
+'''
+
+
+def test_pruning_error_on_one_rank_ends_the_run(env):
+    """Fail fast: rank 1 raises in pruning; the run ends (no 52-week wait at a barrier) with a
+    non-zero exit, the error in the log and no results."""
+    site = env["root"] / "inject"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(INJECT)
+    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)
+    out = env["root"] / "out-fail"
+    rc, log, res = lmms(env, out, f"pretrained={env['model']},pruning=adaptive,keep=8", nproc=2,
+                        more_env={"PYTHONPATH": path}, timeout=300)
+    assert rc != 0 and res is None, log[-3000:]
+    assert "llava_agile: rank 1/2: generate_until failed; ending the run (exit 1)" in log
+    assert "RuntimeError: injected pruning failure" in log
