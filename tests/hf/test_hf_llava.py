@@ -166,6 +166,31 @@ def test_keep_all_is_the_unpatched_model_and_disable_restores(hf_llava, referenc
     assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
 
 
+def test_full_select_strategy_feeds_the_cls_token_in_front(hf_llava, reference):
+    """vision_feature_select_strategy="full": [CLS] + the K kept patches (K + 1 placeholders)."""
+    model, processor, _, _ = hf_llava
+    ref = reference[FAMILY]
+    img = tiny_image(**IMAGES_15[1])
+    model.config.vision_feature_select_strategy = "full"
+    processor.vision_feature_select_strategy = "full"
+    try:
+        x = processor(images=img, text=ref["prompt"], return_tensors="pt")
+        assert int((x["input_ids"] == image_token(model)).sum()) == 577
+        full, _ = run(model, x["input_ids"], x["pixel_values"], 1)
+        start = int((x["input_ids"][0] == image_token(model)).nonzero()[0])
+        llava_agile.enable(model, processor=processor, method="adaptive", keep=20)
+        x = processor(images=img, text=ref["prompt"], return_tensors="pt")
+        assert int((x["input_ids"] == image_token(model)).sum()) == 21
+        emb, _ = run(model, x["input_ids"], x["pixel_values"], 1)
+        idx = torch.tensor(model.agile_stats[0]["indices"])
+        torch.testing.assert_close(emb[0, start:start + 21],
+                                   full[0, torch.cat([torch.tensor([start]), start + 1 + idx])])
+    finally:
+        llava_agile.disable(model, processor)
+        model.config.vision_feature_select_strategy = "default"
+        processor.vision_feature_select_strategy = "default"
+
+
 def test_batch_with_padding_prunes_each_image_on_its_own(hf_llava, reference):
     model, processor, _, _ = hf_llava
     ref = reference[FAMILY]
