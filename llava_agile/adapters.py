@@ -3,21 +3,26 @@
 - haotian-liu's LLaVA classes (`prepare_inputs_labels_for_multimodal`, `get_vision_tower`):
   `llava_agile.llava.runtime`;
 - transformers' `LlavaForConditionalGeneration` / `LlavaNextForConditionalGeneration`
-  (config.model_type "llava" / "llava_next"): `llava_agile.hf`, imported only then.
+  (config.model_type "llava" / "llava_next"): `llava_agile.hf`, imported only then;
+- transformers' `Qwen2_5_VLForConditionalGeneration` (model_type "qwen2_5_vl", transformers 5.x):
+  `llava_agile.hf.qwen`.
 """
 from __future__ import annotations
 
 SUPPORTED = ("LLaVA's own LlavaLlamaForCausalLM (llava.model.builder.load_pretrained_model), "
-             "transformers' LlavaForConditionalGeneration and LlavaNextForConditionalGeneration")
+             "transformers' LlavaForConditionalGeneration, LlavaNextForConditionalGeneration "
+             "and Qwen2_5_VLForConditionalGeneration")
 
 
 def model_family(model) -> str | None:
-    """"original", "hf" or None."""
+    """"original", "hf", "qwen" or None."""
     if hasattr(model, "prepare_inputs_labels_for_multimodal") and hasattr(model, "get_vision_tower"):
         return "original"
     kind = getattr(getattr(model, "config", None), "model_type", None)
     if kind in ("llava", "llava_next") and hasattr(model, "generate"):
         return "hf"
+    if kind == "qwen2_5_vl" and hasattr(model, "generate"):
+        return "qwen"
     return None
 
 
@@ -43,6 +48,9 @@ def enable(model, *args, processor=None, **kwargs):
     if kind == "hf":
         from . import hf
         return hf.enable(model, processor, *args, **kwargs)
+    if kind == "qwen":
+        from .hf import qwen
+        return qwen.enable(model, processor, *args, **kwargs)
     _refuse(model)
 
 
@@ -51,6 +59,9 @@ def disable(model, processor=None):
     if model_family(model) == "hf":
         from . import hf
         return hf.disable(model, processor)
+    if model_family(model) == "qwen":
+        from .hf import qwen
+        return qwen.disable(model, processor)
     from .llava.runtime import disable as original_disable
     return original_disable(model)
 
@@ -59,6 +70,9 @@ def generate(model, *args, **kwargs):
     """transformers' LLaVA with a variable number of tokens per image (`adaptive_count=True`,
     LLaVA-NeXT's `shared` / `per_crop` modes): `llava_agile.generate(model, **inputs,
     max_new_tokens=...)` returns (generate's output, prompt lengths); see `llava_agile.hf.generate`."""
+    if model_family(model) == "qwen":
+        from .hf import qwen
+        return qwen.generate(model, *args, **kwargs)
     if model_family(model) != "hf":
         raise ValueError("llava_agile.generate is for transformers' LLaVA classes enabled with "
                          "llava_agile.enable(model, processor=..., ...); LLaVA's own model already "

@@ -53,7 +53,13 @@ def enable(model, processor=None, method="adaptive", keep: int | None = None, *,
     `global` anyres mode, plus its newlines), so `model.generate(**processor(...))` feeds the LLM
     K tokens per image. `adaptive_count=True` and NeXT's `shared` / `per_crop` modes give
     data-dependent counts: use `llava_agile.generate(model, **inputs, ...)` for them.
+    Qwen2.5-VL (transformers 5.x): `llava_agile.hf.qwen.enable`.
     """
+    if getattr(getattr(model, "config", None), "model_type", None) == "qwen2_5_vl":
+        if anyres_mode is not None:
+            raise ValueError("anyres_mode is for LLaVA-NeXT; Qwen2.5-VL prunes each image")
+        from . import qwen
+        return qwen.enable(model, processor, method, keep, feature_space=feature_space, **params)
     check_transformers()
     kind = family(model)
     if kind is None:
@@ -88,6 +94,9 @@ def enable(model, processor=None, method="adaptive", keep: int | None = None, *,
 def disable(model, processor=None):
     """Undo `enable` on the model and on the processor it patched; returns the model."""
     state = getattr(model, "__dict__", {}).get("_agile_state")
+    if state is not None and not isinstance(state, _model.State):  # Qwen2.5-VL
+        from . import qwen
+        return qwen.disable(model, processor)
     if state is None:
         return model
     if processor is not None and state.processor is not None and processor is not state.processor:

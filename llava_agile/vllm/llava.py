@@ -1,0 +1,210 @@
+"""`AgileLlava`: vLLM's `LlavaForConditionalGeneration` (LLaVA-1.5) with visual-token pruning.
+
+Without an `agile` entry in the model config it is vLLM's class unchanged. With one:
+- the processing info's `get_num_image_tokens` returns K (`min(keep, N)`, plus the [CLS] token
+  under `vision_feature_select_strategy="full"`), so the prompt gets K placeholders per image and
+  vLLM's profiling, encoder budget and KV cache follow;
+- `_process_image_input` runs vLLM's CLIP tower (built only up to the select layer, so its last
+  block is the select layer) with a hook on that block's attention: its input (after
+  `layer_norm1`) goes through the fused `qkv_proj` to give the [CLS] attention row
+  (`llava.attention.cls_attention_row`; under tensor parallelism the heads of every rank are
+  summed with an all-reduce before the mean); `selection.flat_tokens` then keeps exactly K tokens
+  in raster order, as every other llava_agile integration does.
+Refused with a ValueError: `adaptive_count=True` (vLLM fixes the placeholder count before the
+tower runs), precomputed `image_embeds` inputs (no [CLS] row to select with), non-CLIP towers and
+several feature layers.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from transformers import CLIPVisionConfig
+from vllm.model_executor.models.clip import CLIPVisionModel
+from vllm.model_executor.models.llava import (LlavaDummyInputsBuilder, LlavaForConditionalGeneration,
+                                              LlavaImageEmbeddingInputs,
+                                              LlavaMultiModalProcessor, LlavaProcessingInfo,
+                                              _build_llava_or_pixtral_hf_info,
+                                              _build_llava_or_pixtral_hf_processor)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.parse import ImageEmbeddingItems
+
+from ..config import PruneConfig
+from ..llava.attention import cls_attention_row
+from ..llava.runtime import as_config
+from ..selection import flat_tokens, needs_keys
+
+KEY = "agile"  # the model-config entry: hf_overrides={"agile": {...}}
+
+
+def agile_config(hf_config) -> PruneConfig | None:
+    """The validated PruneConfig of `hf_config.agile`, or None (plugin off for this model)."""
+    raw = getattr(hf_config, KEY, None)
+    if raw is None:
+        return None
+    if isinstance(raw, PruneConfig):
+        cfg = raw
+    elif isinstance(raw, Mapping):
+        try:
+            cfg = as_config(dict(raw))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"llava_agile: bad hf_overrides {{'{KEY}': {dict(raw)!r}}}: {e}") \
+                from None
+    else:
+        raise ValueError(f"llava_agile: hf_overrides '{KEY}' must be a dict such as "
+                         f"{{\"method\": \"adaptive\", \"keep\": 64}}, got {type(raw).__name__}")
+    if cfg.params.get("adaptive_count"):
+        raise ValueError("llava_agile: adaptive_count=True is not possible under vLLM, which fixes "
+                         "the number of image placeholders before the vision tower runs; drop "
+                         "adaptive_count (every image then keeps exactly `keep` tokens)")
+    if not isinstance(hf_config.vision_config, CLIPVisionConfig):
+        raise ValueError(f"llava_agile: pruning needs a CLIP vision tower, this model has "
+                         f"{type(hf_config.vision_config).__name__}; remove the '{KEY}' override")
+    if not isinstance(hf_config.vision_feature_layer, int):
+        raise ValueError(f"llava_agile: vision_feature_layer={hf_config.vision_feature_layer!r} "
+                         f"(several layers) is not supported: pruning needs one select layer")
+    if hf_config.vision_feature_select_strategy not in ("default", "full"):
+        raise ValueError(f"llava_agile: vision_feature_select_strategy="
+                         f"{hf_config.vision_feature_select_strategy!r}: expected 'default' or 'full'")
+    return cfg
+
+
+def kept_count(cfg: PruneConfig, n: int, strategy: str) -> int:
+    """Tokens per image the LLM sees when vLLM's count is `n` (with [CLS] under "full")."""
+    if strategy == "full":
+        return 1 + min(cfg.keep, n - 1)
+    return min(cfg.keep, n)
+
+
+class AgileLlavaProcessingInfo(LlavaProcessingInfo):
+    def agile_config(self) -> PruneConfig | None:
+        return agile_config(self.get_hf_config())
+
+    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
+        n = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
+        cfg = self.agile_config()
+        if cfg is None:
+            return n
+        return kept_count(cfg, n, self.get_hf_config().vision_feature_select_strategy)
+
+
+class AgileLlavaMultiModalProcessor(LlavaMultiModalProcessor):
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        if self.info.agile_config() is not None and \
+                isinstance(mm_items.get("image"), ImageEmbeddingItems):
+            raise ValueError("llava_agile: precomputed image_embeds cannot be pruned (no [CLS] "
+                             "attention row comes with them); send the image itself, or serve "
+                             "without the 'agile' override")
+        return super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+
+
+def _info(ctx):
+    info = _build_llava_or_pixtral_hf_info(ctx)
+    return AgileLlavaProcessingInfo(ctx) if type(info) is LlavaProcessingInfo else info
+
+
+def _processor(info, dummy_inputs):
+    if isinstance(info, AgileLlavaProcessingInfo):
+        return AgileLlavaMultiModalProcessor(info, dummy_inputs)
+    return _build_llava_or_pixtral_hf_processor(info, dummy_inputs)
+
+
+class _LocalHeads:
+    """vLLM's CLIPAttention seen as `cls_attention_row` expects (q_proj, k_proj, heads of this
+    tensor-parallel rank)."""
+
+    def __init__(self, attn):
+        self.num_heads = attn.num_heads_per_partition
+        self.head_dim = attn.head_dim
+        self.scale = attn.scale
+        self._qkv = attn.qkv_proj
+        self._width = self.num_heads * self.head_dim
+
+    def q_proj(self, x):
+        return self._qkv(x)[0][..., :self._width]
+
+    def k_proj(self, x):
+        return self._qkv(x)[0][..., self._width:2 * self._width]
+
+
+class _SelectLayerRecorder:
+    """Hooks on the select block (vLLM's last built CLIP block): [CLS] rows, keys, [CLS] output."""
+
+    def __init__(self, tower: CLIPVisionModel, keys: bool):
+        self.block = tower.vision_model.encoder.layers[-1]
+        self.attn = self.block.self_attn
+        self.local = _LocalHeads(self.attn)
+        self.with_keys = keys
+        self.rows, self.keys, self.cls = [], [], []
+
+    def _attn_hook(self, module, args, kwargs, output):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        out = cls_attention_row(self.local, hidden, with_keys=self.with_keys)
+        row, keys = out if self.with_keys else (out, None)
+        total = self.attn.num_heads
+        if self.attn.tp_size > 1:  # each rank holds num_heads / tp heads: sum, all-reduce, mean
+            from vllm.distributed import tensor_model_parallel_all_reduce
+            local = self.local.num_heads
+            row = tensor_model_parallel_all_reduce(row * local) / total
+            keys = None if keys is None else tensor_model_parallel_all_reduce(keys * local) / total
+        self.rows.append(row)
+        if keys is not None:
+            self.keys.append(keys)
+
+    def _block_hook(self, module, args, output):
+        self.cls.append(output[:, 0])
+
+    def __enter__(self):
+        self.handles = [self.attn.register_forward_hook(self._attn_hook, with_kwargs=True),
+                        self.block.register_forward_hook(self._block_hook)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+@MULTIMODAL_REGISTRY.register_processor(_processor, info=_info,
+                                        dummy_inputs=LlavaDummyInputsBuilder)
+class AgileLlava(LlavaForConditionalGeneration):
+    """vLLM's LLaVA-1.5 model; prunes to K visual tokens per image when configured."""
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.agile_config = agile_config(self.config)
+        self.agile_stats: list[dict] = []  # per image of the last encoder call (with indices)
+        self.agile_encoder_calls = 0       # vision-tower runs (the encoder cache saves some)
+
+    @torch.no_grad()
+    def _process_image_input(self, image_input):
+        cfg = self.agile_config
+        self.agile_encoder_calls += 1
+        if cfg is None:
+            return super()._process_image_input(image_input)
+        if isinstance(image_input, LlavaImageEmbeddingInputs):
+            raise ValueError("llava_agile: precomputed image_embeds cannot be pruned; send images")
+        with _SelectLayerRecorder(self.vision_tower, needs_keys(cfg.method)) as rec:
+            feats = self._image_pixels_to_features(self.vision_tower, image_input["pixel_values"])
+        full = self.config.vision_feature_select_strategy == "full"
+        clip = feats[:, 1:] if full else feats
+        rows = torch.cat(rec.rows)
+        if rows.shape != clip.shape[:2]:
+            raise RuntimeError(f"llava_agile: expected one [CLS]-attention row per image "
+                               f"{tuple(clip.shape[:2])} from the select layer, got "
+                               f"{tuple(rows.shape)}")
+        keys = torch.cat(rec.keys) if rec.keys else None
+        cls = torch.cat(rec.cls)
+        proj = None if cfg.feature_space == "vision" else self.multi_modal_projector(feats)
+        out, stats = flat_tokens(cfg, self.multi_modal_projector, clip, rows,
+                                 None if proj is None else (proj[:, 1:] if full else proj),
+                                 keys, cls)
+        if full:  # the [CLS] token in front of the kept ones, as vLLM feeds it
+            head = proj[:, :1] if proj is not None else self.multi_modal_projector(feats[:, :1])
+            out = [torch.cat([head[b], f]) for b, f in enumerate(out)]
+        want = kept_count(cfg, feats.shape[1], self.config.vision_feature_select_strategy)
+        for f in out:
+            if f.shape[0] != want:
+                raise RuntimeError(f"llava_agile: {cfg.method} returned {f.shape[0]} tokens, the "
+                                   f"prompt holds {want} placeholders")
+        self.agile_stats = stats
+        return torch.stack(out)

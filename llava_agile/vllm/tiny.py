@@ -1,0 +1,95 @@
+"""A tiny random llava-hf checkpoint (LLaVA-1.5 layout) that vLLM loads offline: tests and bench.
+
+Same recipe as `llava_agile.assets.tiny` (its tokenizer trainer and deterministic init), written
+directly in transformers' format: `LlavaForConditionalGeneration` with a 64-d CLIP tower and a
+64-d Llama (2 heads: head_dim 32, the smallest
+vLLM's CPU attention supports), weights named as llava-hf's checkpoints name them (`vision_tower.vision_model.*`,
+`language_model.model.*`, `multi_modal_projector.*`, `language_model.lm_head.*`), a
+`LlavaProcessor` and a chat template. No vLLM import.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}USER: "
+                 "{% for c in m['content'] %}{% if c['type'] == 'image' or c['type'] == 'image_url' "
+                 "%}<image>\n{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %} "
+                 "{% else %}ASSISTANT: {% for c in m['content'] %}{% if c['type'] == 'text' %}"
+                 "{{ c['text'] }}{% endif %}{% endfor %}</s>{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+@torch.no_grad()
+def build_tiny_hf_llava(out_dir: str, seed: int = 0, image_size: int = 224, patch_size: int = 14,
+                        vision_layers: int = 3) -> str:
+    """Write the checkpoint into `out_dir` (created); returns it. N = (image_size/patch_size)^2."""
+    from safetensors.torch import save_file
+    from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig,
+                              LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor)
+
+    from ..assets.tiny import _init_
+
+    os.makedirs(out_dir, exist_ok=True)
+    _tokenizer(seed).save_pretrained(out_dir)
+    tok = AutoTokenizer.from_pretrained(out_dir)
+    image_id = tok.convert_tokens_to_ids("<image>")
+    vcfg = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=vision_layers,
+                            num_attention_heads=4, image_size=image_size, patch_size=patch_size,
+                            projection_dim=64, hidden_act="quick_gelu")
+    tcfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                       max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
+                       pad_token_id=0, tie_word_embeddings=False)
+    cfg = LlavaConfig(vision_config=vcfg, text_config=tcfg, image_token_index=image_id,
+                      vision_feature_layer=-2, vision_feature_select_strategy="default",
+                      projector_hidden_act="gelu", tie_word_embeddings=False)
+    cfg.architectures = ["LlavaForConditionalGeneration"]
+    model = LlavaForConditionalGeneration(cfg)
+    _init_(model, torch.Generator().manual_seed(seed))
+    cfg.save_pretrained(out_dir)
+    save_file({_hf_name(k): v.contiguous() for k, v in model.state_dict().items()},
+              os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                         crop_size={"height": image_size, "width": image_size})
+    LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch_size,
+                   vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
+                   num_additional_image_tokens=1).save_pretrained(out_dir)
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+        json.dump({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}, f)
+    return out_dir
+
+
+def _tokenizer(seed: int, vocab_size: int = 400):
+    """A Llama-style BPE tokenizer (<unk>=0, <s>=1, </s>=2, then <image>) trained with `tokenizers`
+    on `assets.tiny`'s generated corpus (its sentencepiece recipe does not load in transformers
+    5.x)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from ..assets.tiny import _corpus
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(_corpus(seed).splitlines(), trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    tok.add_special_tokens(["<image>"])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                       special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<unk>", model_max_length=4096)
+
+
+def _hf_name(key: str) -> str:
+    """transformers 5.x state-dict names -> the names llava-hf checkpoints carry."""
+    for new, old in (("model.vision_tower.vision_model.", "vision_tower.vision_model."),
+                     ("model.vision_tower.", "vision_tower.vision_model."),
+                     ("model.language_model.", "language_model.model."),
+                     ("model.multi_modal_projector.", "multi_modal_projector."),
+                     ("lm_head.", "language_model.lm_head.")):
+        if key.startswith(new):
+            return old + key[len(new):]
+    raise ValueError(f"unexpected LLaVA weight name {key!r}")

@@ -1,0 +1,54 @@
+"""One offline vLLM engine run for tests/vllm (its own process: VLLM_PLUGINS is read per process).
+
+    python engine_run.py SPEC.json OUT.json
+
+SPEC: {"model": dir, "agile": {...} | null, "rounds": [[{"prompt": str, "images": [png]}, ...]],
+"max_tokens": int}. Each round is one `LLM.generate` call (a batch); OUT holds per request the
+prompt/output token ids and cached-token count, the model's `agile_stats` and encoder-call count
+after each round, and the `vllm:prompt_tokens` counter.
+"""
+import json
+import os
+import sys
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model(lambda)
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+
+
+def _probe(model):
+    return {"stats": [{k: v for k, v in s.items() if k in ("indices", "kept", "tokens")}
+                      for s in getattr(model, "agile_stats", [])],
+            "encoder_calls": getattr(model, "agile_encoder_calls", None),
+            "cls": type(model).__name__}
+
+
+def main(spec_path, out_path):
+    from PIL import Image
+    from vllm import LLM, SamplingParams
+
+    spec = json.load(open(spec_path))
+    kw = {} if spec.get("agile") is None else {"hf_overrides": {"agile": spec["agile"]}}
+    llm = LLM(model=spec["model"], dtype="float32", enforce_eager=True, max_model_len=2048,
+              max_num_batched_tokens=2048, max_num_seqs=4, limit_mm_per_prompt={"image": 2},
+              enable_prefix_caching=True, block_size=32, disable_log_stats=False, seed=0, **kw)
+    params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 8), ignore_eos=True)
+    out = {"rounds": []}
+    for batch in spec["rounds"]:
+        reqs = [{"prompt": r["prompt"],
+                 "multi_modal_data": {"image": [Image.open(p).convert("RGB")
+                                                for p in r["images"]]}} for r in batch]
+        res = llm.generate(reqs, params, use_tqdm=False)
+        out["rounds"].append({
+            "requests": [{"prompt_token_ids": list(r.prompt_token_ids),
+                          "token_ids": list(r.outputs[0].token_ids),
+                          "num_cached_tokens": r.num_cached_tokens} for r in res],
+            "model": llm.apply_model(_probe)[0]})
+    out["prompt_tokens"] = sum(m.value for m in llm.get_metrics()
+                               if m.name == "vllm:prompt_tokens")
+    json.dump(out, open(out_path, "w"))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

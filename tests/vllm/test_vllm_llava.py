@@ -1,0 +1,186 @@
+"""The vLLM plugin on a tiny random llava-hf checkpoint (LLaVA-1.5 layout, N = 256 tokens/image).
+
+Three offline engines, each once for the module in its own process (tests/vllm/engine_run.py):
+the plugin disabled (VLLM_PLUGINS without ours), K = N, and K = 16 < N.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llava_agile.vllm.tiny import build_tiny_hf_llava
+
+N, K = 256, 16
+HERE = Path(__file__).resolve().parent
+SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant "
+          "gives helpful, detailed, and polite answers to the user's questions. ")
+PROMPT1 = SYSTEM + "USER: <image>\nWhat is in this image? ASSISTANT:"
+PROMPT2 = SYSTEM + "USER: <image>\n<image>\nDescribe the picture please. ASSISTANT:"
+
+
+def run_engine(tmp: Path, name: str, model: str, agile, rounds, plugins=None, timeout=900):
+    spec, out = tmp / f"{name}.json", tmp / f"{name}.out.json"
+    spec.write_text(json.dumps({"model": model, "agile": agile, "rounds": rounds}))
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    if plugins is not None:
+        env["VLLM_PLUGINS"] = plugins
+    proc = subprocess.run([sys.executable, str(HERE / "engine_run.py"), str(spec), str(out)],
+                          env=env, cwd=tmp, capture_output=True, text=True, timeout=timeout)
+    if not out.exists():
+        return None, proc
+    return json.loads(out.read_text()), proc
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm")
+    model = build_tiny_hf_llava(str(root / "tiny-llava-hf"), image_size=224)
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(2):
+        from PIL import Image
+        path = root / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 256, (200 + 40 * i, 240, 3), dtype=np.uint8)).save(path)
+        images.append(str(path))
+    return root, model, images
+
+
+def _rounds(images):
+    one = {"prompt": PROMPT1, "images": images[:1]}
+    return [[one], [one], [{"prompt": PROMPT1, "images": images[1:]},
+                           {"prompt": PROMPT2, "images": images}]]
+
+
+def _ok(res, proc):
+    assert res is not None, proc.stderr[-6000:]
+    return res
+
+
+@pytest.fixture(scope="module")
+def disabled(tiny):
+    root, model, images = tiny
+    return _ok(*run_engine(root, "disabled", model, None, _rounds(images), plugins=""))
+
+
+@pytest.fixture(scope="module")
+def full_k(tiny):
+    root, model, images = tiny
+    return _ok(*run_engine(root, "full", model, {"method": "adaptive", "keep": N},
+                           _rounds(images)))
+
+
+@pytest.fixture(scope="module")
+def pruned(tiny):
+    root, model, images = tiny
+    return _ok(*run_engine(root, "pruned", model, {"method": "adaptive", "keep": K},
+                           _rounds(images)))
+
+
+def test_entry_point_registers_the_model(tmp_path):
+    """vLLM's own plugin loader finds the entry point and swaps the LLaVA class (run from a
+    neutral folder: a stale llava_agile.egg-info in the checkout would shadow the installed
+    metadata on sys.path)."""
+    code = ("from vllm.plugins import load_general_plugins; load_general_plugins(); "
+            "from vllm import ModelRegistry; "
+            "print(ModelRegistry._try_load_model_cls('LlavaForConditionalGeneration').__name__)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.stdout.split()[-1:] == ["AgileLlava"], proc.stderr[-3000:]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, VLLM_PLUGINS=""))
+    assert proc.stdout.split()[-1:] == ["LlavaForConditionalGeneration"], proc.stderr[-3000:]
+
+
+def test_config_is_validated_by_pruneconfig():
+    from transformers import LlavaConfig
+
+    from llava_agile.vllm.llava import agile_config, kept_count
+
+    cfg = LlavaConfig()
+    assert agile_config(cfg) is None
+    cfg.agile = {"method": "adaptive", "keep": 64}
+    assert agile_config(cfg).keep == 64
+    assert kept_count(agile_config(cfg), 576, "default") == 64
+    assert kept_count(agile_config(cfg), 577, "full") == 65
+    assert kept_count(agile_config(cfg), 40, "default") == 40
+    for bad, words in (({"method": "nope"}, "unknown method"), ({"keep": 0}, "keep"),
+                       ({"adaptive_count": True}, "adaptive_count=True is not possible"),
+                       ("adaptive", "must be a dict")):
+        cfg.agile = bad
+        with pytest.raises(ValueError, match="llava_agile") as e:
+            agile_config(cfg)
+        assert words in str(e.value), str(e.value)
+
+
+def test_k_equals_n_gives_the_stock_tokens(disabled, full_k):
+    assert disabled["rounds"][0]["model"]["cls"] == "LlavaForConditionalGeneration"
+    assert full_k["rounds"][0]["model"]["cls"] == "AgileLlava"
+    for a, b in zip(disabled["rounds"], full_k["rounds"]):
+        for ra, rb in zip(a["requests"], b["requests"]):
+            assert ra["prompt_token_ids"] == rb["prompt_token_ids"]
+            assert ra["token_ids"] == rb["token_ids"]
+    assert full_k["rounds"][0]["model"]["stats"][0]["indices"] == list(range(N))
+
+
+def test_k_below_n_shortens_the_prompt(disabled, pruned):
+    lens = [len(r["prompt_token_ids"]) for rd in pruned["rounds"] for r in rd["requests"]]
+    full = [len(r["prompt_token_ids"]) for rd in disabled["rounds"] for r in rd["requests"]]
+    assert [f - p for f, p in zip(full, lens)] == [N - K, N - K, N - K, 2 * (N - K)]
+    assert pruned["prompt_tokens"] == sum(lens)
+    assert disabled["prompt_tokens"] == sum(full)
+
+
+def test_kept_indices_equal_select_tokens(tiny, pruned):
+    """The indices vLLM kept = llava_agile.select_tokens on transformers' features and [CLS] row
+    of the same weights (an independent path: HF tower, separate q/k projections)."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from PIL import Image
+
+    import llava_agile
+    from llava_agile.hf.model import attention_module
+    from llava_agile.llava.attention import ClsAttentionHook
+
+    root, model_dir, images = tiny
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    x = processor(images=[Image.open(images[0]).convert("RGB")], text=PROMPT1,
+                  return_tensors="pt")["pixel_values"]
+    hook = ClsAttentionHook(attention_module(model.model))
+    hook.start()
+    with torch.no_grad():
+        out = model.model.vision_tower(x, output_hidden_states=True)
+        row = hook.stop()
+        clip = out.hidden_states[-2][:, 1:]
+        proj = model.model.multi_modal_projector(clip)
+    hook.remove()
+    want = llava_agile.select_tokens(proj[0], row[0], K, "adaptive").tolist()
+    got = pruned["rounds"][0]["model"]["stats"][0]["indices"]
+    assert got == want
+    assert got == sorted(got) and len(got) == K
+
+
+def test_repeated_request_hits_prefix_and_encoder_caches(pruned):
+    first, second = pruned["rounds"][0], pruned["rounds"][1]
+    assert second["requests"][0]["num_cached_tokens"] > 0
+    assert second["model"]["encoder_calls"] == first["model"]["encoder_calls"]
+    assert second["requests"][0]["token_ids"] == first["requests"][0]["token_ids"]
+
+
+def test_batch_with_one_and_two_images(pruned):
+    one, two = pruned["rounds"][2]["requests"]
+    assert len(one["token_ids"]) == len(two["token_ids"]) == 8
+    assert all(len(s["indices"]) == K for s in pruned["rounds"][2]["model"]["stats"])
+
+
+def test_adaptive_count_refused_at_startup(tiny):
+    root, model, images = tiny
+    res, proc = run_engine(root, "refused", model, {"method": "adaptive", "keep": K,
+                                                     "adaptive_count": True}, [])
+    assert res is None and proc.returncode != 0
+    assert "llava_agile: adaptive_count=True is not possible under vLLM" in proc.stderr
