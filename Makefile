@@ -108,7 +108,7 @@ vllm-test: vllm-setup
 	$(VLLM_VENV)/bin/python -m pytest -q tests/vllm
 
 test: setup cuda-build-check hf-test
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests --ignore=tests/hf --ignore=tests/vllm
 
 # every method on real photos through the real LLaVA code path (offline DINOv2 LLaVA under out/)
 demo: setup

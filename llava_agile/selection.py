@@ -6,17 +6,44 @@ functions choose the tokens the LLM sees. No LLaVA or transformers import here.
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
-from .methods import MERGING
+from .api import prune
+from .methods import MERGING, REGISTRY
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def select(cfg, space, attn, clip, keep: int, keys=None, cls=None):
-    """`prune` on `[B, N, .]` as the LLaVA runtime does it: (PruneResult, milliseconds).
-    visionzip: `keys`, the select layer's patch keys, `cls` its [CLS] token in `space`."""
-    from .llava.runtime import _select
-
-    return _select(cfg, space, attn, clip, keep, keys, cls)
+    """`prune` on `[B, N, .]`; returns (PruneResult, milliseconds it took, CUDA-synchronised).
+    bat's and visionzip's stats carry `attention_indices`: the attention-kept tokens (the rest
+    are merged). visionzip: `keys`, the select layer's patch keys `[B, N, .]`, and `cls`, its
+    [CLS] token `[B, D]` in `space` (None: every dominant slot goes to a patch)."""
+    params = dict(cfg.params)
+    if "similarity_features" in REGISTRY[cfg.method][1]:
+        params["similarity_features"] = clip
+    if "keys" in REGISTRY[cfg.method][1]:  # visionzip: the select layer's keys, from the hook
+        if keys is None:
+            raise ValueError(f"method {cfg.method!r} needs the select layer's keys; this "
+                             f"integration does not record them (use llava_agile.enable)")
+        params["keys"] = keys.to(space.device)
+    if "cls_token" in REGISTRY[cfg.method][1] and cls is not None:
+        params["cls_token"] = cls.to(space.device)
+    attn = attn.to(space.device)
+    _sync(space.device)
+    t0 = time.perf_counter()
+    res = prune(space, attn, keep, cfg.method, stats=cfg.stats == "full", **params)
+    _sync(space.device)
+    ms = 1000 * (time.perf_counter() - t0)
+    if cfg.method in MERGING:  # K >= N: nothing merged, every token kept
+        for st in res.stats:
+            st.setdefault("attention_indices", list(range(st["kept"])))
+    return res, ms
 
 
 def needs_keys(method: str) -> bool:

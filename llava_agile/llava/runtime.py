@@ -7,14 +7,14 @@ LLaVA-NeXT layout) and hands them to LLaVA's own splice code through `encode_ima
 """
 from __future__ import annotations
 
-import time
 import types
 
 import torch
 
-from ..api import prune
 from ..config import PruneConfig
 from ..methods import MERGING, REGISTRY
+from ..selection import crop_mask, flat_tokens
+from ..selection import select as _select  # shared with llava_agile.hf (and bench_overhead)
 from . import compat
 from .anyres import assemble, grid_layout
 from .attention import ClsAttentionHook, attention_module, select_block
@@ -114,59 +114,10 @@ def _tower(model, state, images: torch.Tensor):
     return clip, attn
 
 
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _select(cfg: PruneConfig, space, attn, clip, keep: int, keys=None, cls=None):
-    """`prune` on `[B, N, .]`; returns (PruneResult, milliseconds it took, CUDA-synchronised).
-    bat's and visionzip's stats carry `attention_indices`: the attention-kept tokens (the rest
-    are merged). visionzip: `keys`, the select layer's patch keys `[B, N, .]`, and `cls`, its
-    [CLS] token `[B, D]` in `space` (None: every dominant slot goes to a patch)."""
-    params = dict(cfg.params)
-    if "similarity_features" in REGISTRY[cfg.method][1]:
-        params["similarity_features"] = clip
-    if "keys" in REGISTRY[cfg.method][1]:  # visionzip: the select layer's keys, from the hook
-        if keys is None:
-            raise ValueError(f"method {cfg.method!r} needs the select layer's keys; this "
-                             f"integration does not record them (use llava_agile.enable)")
-        params["keys"] = keys.to(space.device)
-    if "cls_token" in REGISTRY[cfg.method][1] and cls is not None:
-        params["cls_token"] = cls.to(space.device)
-    attn = attn.to(space.device)
-    _sync(space.device)
-    t0 = time.perf_counter()
-    res = prune(space, attn, keep, cfg.method, stats=cfg.stats == "full", **params)
-    _sync(space.device)
-    ms = 1000 * (time.perf_counter() - t0)
-    if cfg.method in MERGING:  # K >= N: nothing merged, every token kept
-        for st in res.stats:
-            st.setdefault("attention_indices", list(range(st["kept"])))
-    return res, ms
-
-
 def _flat_tokens(model, state, clip, attn):
     """LLaVA-1.5: one crop per image; K tokens (or merged features) per image."""
-    cfg = state.config
-    projector = model.get_model().mm_projector
-    vision = cfg.feature_space == "vision"
-    proj = None if vision else projector(clip)
-    cls = state.cls if vision or state.cls is None else projector(state.cls)
-    res, ms = _select(cfg, clip if vision else proj, attn, clip, cfg.keep, state.keys, cls)
-    feats, stats = [], []
-    for b in range(clip.shape[0]):
-        st = dict(res.stats[b], prune_ms=ms / clip.shape[0])  # one batched call: its mean
-        if res.indices is None:
-            f = projector(res.features[b]) if vision else res.features[b]
-        else:
-            idx = res.indices[b]
-            f = projector(clip[b, idx]) if vision else proj[b, idx]
-            st["indices"] = idx.tolist()
-        st["tokens"] = int(f.shape[0])
-        feats.append(f)
-        stats.append(st)
-    return feats, stats
+    return flat_tokens(state.config, model.get_model().mm_projector, clip, attn,
+                       keys=state.keys, cls=state.cls)
 
 
 def _image_tokens(model, cfg, clip, attn, proj, image_size, keys=None, cls=None):
@@ -196,34 +147,13 @@ def _image_tokens(model, cfg, clip, attn, proj, image_size, keys=None, cls=None)
             f = torch.cat([f, newline[None].to(f)])
         return f, dict(st, tokens=int(f.shape[0]))
 
-    mask = torch.zeros(n, N, dtype=torch.bool, device=attn.device)
-    mode = cfg.anyres_mode if n > 1 else "per_crop"
-    extra = {}
-    if mode == "shared":
-        res, ms = _select(cfg, space[:1], attn[:1], clip[:1], cfg.keep)
-        mask[:, res.indices[0]] = True
-        st = res.stats[0]
-    elif mode == "per_crop":
-        res, ms = _select(cfg, space, attn, clip, cfg.keep)
-        for c in range(n):
-            mask[c, res.indices[c]] = True
-        st = res.stats[0]
-        if n > 1:
-            extra["crop_stats"] = res.stats
-    else:  # global: K over the base crop and every high-res cell LLaVA keeps
+    candidates = None  # global: K over the base crop and every high-res cell LLaVA keeps
+    if layout is not None:
         dev = attn.device
-        if layout is not None:
-            hi_crop, hi_patch = layout.candidates()
-            crop = torch.cat([torch.zeros(N, dtype=torch.long, device=dev), hi_crop + 1])
-            patch = torch.cat([torch.arange(N, device=dev), hi_patch])
-        else:
-            crop = torch.arange(n, device=dev).repeat_interleave(N)
-            patch = torch.arange(N, device=dev).repeat(n)
-        res, ms = _select(cfg, space[crop, patch][None], attn[crop, patch][None],
-                          clip[crop, patch][None], cfg.keep)
-        idx = res.indices[0]
-        mask[crop[idx], patch[idx]] = True
-        st = res.stats[0]
+        hi_crop, hi_patch = layout.candidates()
+        candidates = (torch.cat([torch.zeros(N, dtype=torch.long, device=dev), hi_crop + 1]),
+                      torch.cat([torch.arange(N, device=dev), hi_patch]))
+    mask, st, ms, extra = crop_mask(cfg, space, attn, clip, candidates)
 
     if layout is not None:
         tokens, fed = assemble(proj[0], mask[0], proj[1:], mask[1:], layout, newline)
@@ -233,7 +163,7 @@ def _image_tokens(model, cfg, clip, attn, proj, image_size, keys=None, cls=None)
             tokens = torch.cat([tokens, newline[None].to(tokens)])
     kept = int(fed.sum())
     indices = [fed[c].nonzero().flatten().tolist() for c in range(n)]
-    st = dict(st, **extra, crops=n, mode=mode if n > 1 else None, kept=kept, prune_ms=ms,
+    st = dict(st, **extra, crops=n, kept=kept, prune_ms=ms,
               tokens=int(tokens.shape[0]), newlines=int(tokens.shape[0]) - kept,
               indices=indices[0] if n == 1 else indices)
     return tokens, st

@@ -26,6 +26,7 @@ from vllm.model_executor.models.llava import (LlavaDummyInputsBuilder, LlavaForC
                                               LlavaMultiModalProcessor, LlavaProcessingInfo,
                                               _build_llava_or_pixtral_hf_info,
                                               _build_llava_or_pixtral_hf_processor)
+from vllm.model_executor.models.llava_next import LlavaNextForConditionalGeneration
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.parse import ImageEmbeddingItems
 
@@ -208,3 +209,15 @@ class AgileLlava(LlavaForConditionalGeneration):
                                    f"prompt holds {want} placeholders")
         self.agile_stats = stats
         return torch.stack(out)
+
+
+class AgileLlavaNext(LlavaNextForConditionalGeneration):
+    """vLLM's LLaVA-NeXT, unchanged; an `agile` override is refused (not implemented yet), so a
+    NeXT model is never served unpruned while the user asked for pruning."""
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        if getattr(vllm_config.model_config.hf_config, KEY, None) is not None:
+            raise ValueError(f"llava_agile: the vLLM plugin does not prune LLaVA-NeXT yet "
+                             f"(LLaVA-1.5 only); remove the '{KEY}' override, or use the HF "
+                             f"adapter / LLaVA runtime for NeXT")
+        super().__init__(vllm_config=vllm_config, prefix=prefix)

@@ -14,11 +14,11 @@ import os
 
 import torch
 
-CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}USER: "
+CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}USER: {% else %}ASSISTANT: "
+                 "{% endif %}{% if m['content'] is string %}{{ m['content'] }}{% else %}"
                  "{% for c in m['content'] %}{% if c['type'] == 'image' or c['type'] == 'image_url' "
-                 "%}<image>\n{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %} "
-                 "{% else %}ASSISTANT: {% for c in m['content'] %}{% if c['type'] == 'text' %}"
-                 "{{ c['text'] }}{% endif %}{% endfor %}</s>{% endif %}{% endfor %}"
+                 "%}<image>\n{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+                 "{% endif %}{% if m['role'] == 'user' %} {% else %}</s>{% endif %}{% endfor %}"
                  "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
 
 

@@ -3,7 +3,7 @@
     python engine_run.py SPEC.json OUT.json
 
 SPEC: {"model": dir, "agile": {...} | null, "rounds": [[{"prompt": str, "images": [png]}, ...]],
-"max_tokens": int}. Each round is one `LLM.generate` call (a batch); OUT holds per request the
+"max_tokens": int, "embeds": prompt | absent}. Each round is one `LLM.generate` call (a batch); OUT holds per request the
 prompt/output token ids and cached-token count, the model's `agile_stats` and encoder-call count
 after each round, and the `vllm:prompt_tokens` counter.
 """
@@ -32,7 +32,7 @@ def main(spec_path, out_path):
     kw = {} if spec.get("agile") is None else {"hf_overrides": {"agile": spec["agile"]}}
     llm = LLM(model=spec["model"], dtype="float32", enforce_eager=True, max_model_len=2048,
               max_num_batched_tokens=2048, max_num_seqs=4, limit_mm_per_prompt={"image": 2},
-              enable_prefix_caching=True, block_size=32, disable_log_stats=False, seed=0, **kw)
+              enable_prefix_caching=True, block_size=32, enable_mm_embeds=True, disable_log_stats=False, seed=0, **kw)
     params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 8), ignore_eos=True)
     out = {"rounds": []}
     for batch in spec["rounds"]:
@@ -45,6 +45,15 @@ def main(spec_path, out_path):
                           "token_ids": list(r.outputs[0].token_ids),
                           "num_cached_tokens": r.num_cached_tokens} for r in res],
             "model": llm.apply_model(_probe)[0]})
+    if spec.get("embeds"):  # a precomputed image_embeds input: must be refused under the plugin
+        import torch
+        try:
+            llm.generate([{"prompt": spec["embeds"],
+                           "multi_modal_data": {"image": torch.zeros(1, 16, 64)}}], params,
+                         use_tqdm=False)
+            out["embeds_error"] = None
+        except Exception as e:  # noqa: BLE001 - the message is what the test checks
+            out["embeds_error"] = f"{type(e).__name__}: {e}"
     out["prompt_tokens"] = sum(m.value for m in llm.get_metrics()
                                if m.name == "vllm:prompt_tokens")
     json.dump(out, open(out_path, "w"))

@@ -23,9 +23,11 @@ PROMPT1 = SYSTEM + "USER: <image>\nWhat is in this image? ASSISTANT:"
 PROMPT2 = SYSTEM + "USER: <image>\n<image>\nDescribe the picture please. ASSISTANT:"
 
 
-def run_engine(tmp: Path, name: str, model: str, agile, rounds, plugins=None, timeout=900):
+def run_engine(tmp: Path, name: str, model: str, agile, rounds, plugins=None, timeout=900,
+               embeds=None):
     spec, out = tmp / f"{name}.json", tmp / f"{name}.out.json"
-    spec.write_text(json.dumps({"model": model, "agile": agile, "rounds": rounds}))
+    spec.write_text(json.dumps({"model": model, "agile": agile, "rounds": rounds,
+                                "embeds": embeds}))
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     if plugins is not None:
@@ -79,7 +81,7 @@ def full_k(tiny):
 def pruned(tiny):
     root, model, images = tiny
     return _ok(*run_engine(root, "pruned", model, {"method": "adaptive", "keep": K},
-                           _rounds(images)))
+                           _rounds(images), embeds=PROMPT1))
 
 
 def test_entry_point_registers_the_model(tmp_path):
@@ -88,13 +90,28 @@ def test_entry_point_registers_the_model(tmp_path):
     metadata on sys.path)."""
     code = ("from vllm.plugins import load_general_plugins; load_general_plugins(); "
             "from vllm import ModelRegistry; "
-            "print(ModelRegistry._try_load_model_cls('LlavaForConditionalGeneration').__name__)")
+            "print(ModelRegistry._try_load_model_cls('LlavaNextForConditionalGeneration').__name__,"
+            " ModelRegistry._try_load_model_cls('LlavaForConditionalGeneration').__name__)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                           text=True, timeout=300)
-    assert proc.stdout.split()[-1:] == ["AgileLlava"], proc.stderr[-3000:]
+    assert proc.stdout.split()[-2:] == ["AgileLlavaNext", "AgileLlava"], proc.stderr[-3000:]
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                           text=True, timeout=300, env=dict(os.environ, VLLM_PLUGINS=""))
-    assert proc.stdout.split()[-1:] == ["LlavaForConditionalGeneration"], proc.stderr[-3000:]
+    assert proc.stdout.split()[-2:] == ["LlavaNextForConditionalGeneration",
+                                        "LlavaForConditionalGeneration"], proc.stderr[-3000:]
+
+
+def test_llava_next_refuses_the_override():
+    """LLaVA-NeXT is not pruned by the plugin yet: an `agile` override stops the engine instead
+    of serving the model unpruned."""
+    from types import SimpleNamespace
+
+    from llava_agile.vllm.llava import AgileLlavaNext
+
+    hf_config = SimpleNamespace(agile={"method": "adaptive", "keep": 64})
+    vllm_config = SimpleNamespace(model_config=SimpleNamespace(hf_config=hf_config))
+    with pytest.raises(ValueError, match="llava_agile: the vLLM plugin does not prune LLaVA-NeXT"):
+        AgileLlavaNext(vllm_config=vllm_config)
 
 
 def test_config_is_validated_by_pruneconfig():
@@ -109,7 +126,7 @@ def test_config_is_validated_by_pruneconfig():
     assert kept_count(agile_config(cfg), 576, "default") == 64
     assert kept_count(agile_config(cfg), 577, "full") == 65
     assert kept_count(agile_config(cfg), 40, "default") == 40
-    for bad, words in (({"method": "nope"}, "unknown method"), ({"keep": 0}, "keep"),
+    for bad, words in (({"method": "nope"}, "unknown pruning method"), ({"keep": 0}, "keep"),
                        ({"adaptive_count": True}, "adaptive_count=True is not possible"),
                        ("adaptive", "must be a dict")):
         cfg.agile = bad
@@ -163,6 +180,20 @@ def test_kept_indices_equal_select_tokens(tiny, pruned):
     got = pruned["rounds"][0]["model"]["stats"][0]["indices"]
     assert got == want
     assert got == sorted(got) and len(got) == K
+    # the HF adapter (llava_agile.hf) on the same weights keeps the same tokens and, fed the same
+    # K tokens, its greedy continuation is vLLM's
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers 5.19 is outside the adapter's tested pair
+        llava_agile.enable(model, processor=processor, method="adaptive", keep=K)
+    inputs = processor(images=[Image.open(images[0]).convert("RGB")], text=PROMPT1,
+                       return_tensors="pt")
+    assert inputs["input_ids"][0].tolist() == pruned["rounds"][0]["requests"][0]["prompt_token_ids"]
+    with torch.no_grad():
+        gen = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert model.agile_stats[0]["indices"] == got
+    assert gen[0, inputs["input_ids"].shape[1]:].tolist() == \
+        pruned["rounds"][0]["requests"][0]["token_ids"]
 
 
 def test_repeated_request_hits_prefix_and_encoder_caches(pruned):
@@ -172,15 +203,23 @@ def test_repeated_request_hits_prefix_and_encoder_caches(pruned):
     assert second["requests"][0]["token_ids"] == first["requests"][0]["token_ids"]
 
 
+def test_image_embeds_refused(pruned):
+    assert pruned["embeds_error"] is not None
+    assert "llava_agile: precomputed image_embeds cannot be pruned" in pruned["embeds_error"]
+
+
 def test_batch_with_one_and_two_images(pruned):
     one, two = pruned["rounds"][2]["requests"]
     assert len(one["token_ids"]) == len(two["token_ids"]) == 8
     assert all(len(s["indices"]) == K for s in pruned["rounds"][2]["model"]["stats"])
 
 
-def test_adaptive_count_refused_at_startup(tiny):
+@pytest.mark.parametrize("agile,line", [
+    ({"method": "adaptive", "keep": K, "adaptive_count": True},
+     "llava_agile: adaptive_count=True is not possible under vLLM"),
+    ({"method": "nope", "keep": K}, "llava_agile: bad hf_overrides {'agile': {'method': 'nope'")])
+def test_bad_config_refused_at_startup(tiny, agile, line):
     root, model, images = tiny
-    res, proc = run_engine(root, "refused", model, {"method": "adaptive", "keep": K,
-                                                     "adaptive_count": True}, [])
+    res, proc = run_engine(root, "refused", model, agile, [])
     assert res is None and proc.returncode != 0
-    assert "llava_agile: adaptive_count=True is not possible under vLLM" in proc.stderr
+    assert line in proc.stderr
