@@ -13,16 +13,26 @@ _MISSING = object()
 PROCESSORS = {"llava": "LlavaProcessor", "llava_next": "LlavaNextProcessor"}
 
 
+def check_identity(processor, model_name: str, processor_name: str, placeholder: str) -> None:
+    """ValueError unless `processor` is given and is a `processor_name` (or a subclass)."""
+    if processor is None:
+        raise ValueError(f"an HF {model_name} needs its processor: llava_agile.enable(model, "
+                         f"processor=AutoProcessor.from_pretrained(path), ...), so that it emits "
+                         f"the pruned number of {placeholder} placeholders")
+    if not any(c.__name__ == processor_name for c in type(processor).__mro__):
+        raise ValueError(f"processor is a {type(processor).__name__}, not the {processor_name} of "
+                         f"this model; pass AutoProcessor.from_pretrained(<the model's path>)")
+
+
+def refuse_mismatch(problems: list) -> None:
+    if problems:
+        raise ValueError("the processor does not belong to this model (" + "; ".join(problems) +
+                         "); pass AutoProcessor.from_pretrained(<the model's path>)")
+
+
 def check(processor, model, kind: str) -> None:
     """ValueError unless `processor` is a LLaVA processor made for `model`."""
-    want = PROCESSORS[kind]
-    if processor is None:
-        raise ValueError(f"an HF {SUPPORTED_NAME[kind]} needs its processor: "
-                         f"llava_agile.enable(model, processor=AutoProcessor.from_pretrained(path), "
-                         f"...), so that it emits the pruned number of <image> placeholders")
-    if not any(c.__name__ == want for c in type(processor).__mro__):
-        raise ValueError(f"processor is a {type(processor).__name__}, not the {want} of this "
-                         f"{kind} model; pass AutoProcessor.from_pretrained(<the model's path>)")
+    check_identity(processor, SUPPORTED_NAME[kind], PROCESSORS[kind], "<image>")
     cfg = model.config
     problems = []
     image_token_id = getattr(cfg, "image_token_id", getattr(cfg, "image_token_index", None))
@@ -37,9 +47,7 @@ def check(processor, model, kind: str) -> None:
         problems.append(f"vision_feature_select_strategy "
                         f"{getattr(processor, 'vision_feature_select_strategy', None)!r} != the "
                         f"model's {cfg.vision_feature_select_strategy!r}")
-    if problems:
-        raise ValueError("the processor does not belong to this model (" + "; ".join(problems) +
-                         "); pass AutoProcessor.from_pretrained(<the model's path>)")
+    refuse_mismatch(problems)
 
 
 SUPPORTED_NAME = {"llava": "LlavaForConditionalGeneration",

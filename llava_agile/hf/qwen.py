@@ -35,6 +35,7 @@ import torch
 from ..llava.runtime import as_config
 from ..methods import MERGING
 from ..selection import select
+from .processor import check_identity, refuse_mismatch
 
 TESTED = "5.24.0"
 MODEL = "Qwen2_5_VLForConditionalGeneration"
@@ -270,13 +271,7 @@ def _get_vision_position_ids(state, orig):
 # ---------------------------------------------------------------- processor
 
 def _check_processor(processor, model) -> None:
-    if processor is None:
-        raise ValueError(f"an HF {MODEL} needs its processor: llava_agile.enable(model, "
-                         f"processor=AutoProcessor.from_pretrained(path), ...), so that it emits "
-                         f"the pruned number of <|image_pad|> placeholders")
-    if not any(c.__name__ == PROCESSOR for c in type(processor).__mro__):
-        raise ValueError(f"processor is a {type(processor).__name__}, not the {PROCESSOR} of "
-                         f"this model; pass AutoProcessor.from_pretrained(<the model's path>)")
+    check_identity(processor, MODEL, PROCESSOR, "<|image_pad|>")
     problems = []
     if getattr(processor, "image_token_id", None) != model.config.image_token_id:
         problems.append(f"image token id {getattr(processor, 'image_token_id', None)} != the "
@@ -285,9 +280,7 @@ def _check_processor(processor, model) -> None:
     if merge != model.config.vision_config.spatial_merge_size:
         problems.append(f"merge_size {merge} != the vision tower's "
                         f"{model.config.vision_config.spatial_merge_size}")
-    if problems:
-        raise ValueError("the processor does not belong to this model (" + "; ".join(problems) +
-                         "); pass AutoProcessor.from_pretrained(<the model's path>)")
+    refuse_mismatch(problems)
 
 
 def _patch_processor(processor, state) -> None:
