@@ -266,12 +266,12 @@ INJECT = '''
 import os
 
 if os.environ.get("RANK") == "1":  # a pruning error on rank 1 only
-    import llava_agile.llava.runtime as runtime
+    import llava_agile.selection as selection  # where every adapter calls prune
 
     def _fail(*args, **kwargs):
         raise RuntimeError("injected pruning failure")
 
-    runtime.prune = _fail
+    selection.prune = _fail
 '''
 
 
