@@ -9,7 +9,7 @@ and prints the medians and `basic / bare`, `full / bare` (of the medians; of the
 Two settings:
 - `llava-1.5`: LLaVA-1.5-7B shapes: N = 576 projected tokens of D = 4096 (the selection space),
   1024-d CLIP features and keys (similarity_features / keys), LLaVA-like random tokens; the
-  runtime's pruning step (`llava.runtime._select`) is called directly;
+  adapters' pruning step (`llava_agile.selection.select`) is called directly;
 - `tiny-forward`: the tiny random LLaVA-1.5 (`llava_agile.assets`, 576 tokens of 64-d) through
   `llava_agile.llava.visual_tokens` (vision tower with the [CLS] hook, projector, pruning);
   `bare` runs on the projected tokens and [CLS] row of a tower + projector run just before (the
@@ -70,19 +70,19 @@ def bare_call(method, space, attn, clip, keys=None):
 
 
 class RuntimePrune:
-    """While active, times every `prune` call the runtime makes; `.last`: the latest, seconds."""
+    """While active, times every `prune` call the adapters make; `.last`: the latest, seconds."""
 
     def __enter__(self):
-        from llava_agile.llava import runtime
+        from llava_agile import selection
 
-        self.module, self.orig, self.last = runtime, runtime.prune, None
+        self.module, self.orig, self.last = selection, selection.prune, None
 
         def timed(*args, **kwargs):
             t0 = clock()
             out = self.orig(*args, **kwargs)
             self.last = clock() - t0
             return out
-        runtime.prune = timed
+        selection.prune = timed
         return self
 
     def __exit__(self, *exc):
@@ -105,7 +105,7 @@ def interleaved(calls: dict, repeat: int) -> dict:
 
 def llava_shapes(methods, repeat: int) -> dict:
     """LLaVA-1.5 shapes through the runtime's pruning step."""
-    from llava_agile.llava.runtime import _select
+    from llava_agile.selection import select as _select
 
     space, attn = llava_like(1, 4096, torch.float32, "cpu", seed=0)
     clip, _ = llava_like(1, 1024, torch.float32, "cpu", seed=1)

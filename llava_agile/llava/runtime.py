@@ -14,7 +14,7 @@ import torch
 from ..config import PruneConfig
 from ..methods import MERGING, REGISTRY
 from ..selection import crop_mask, flat_tokens
-from ..selection import select as _select  # shared with llava_agile.hf (and bench_overhead)
+from ..selection import select as _select  # shared with llava_agile.hf
 from . import compat
 from .anyres import assemble, grid_layout
 from .attention import ClsAttentionHook, attention_module, select_block
