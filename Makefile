@@ -55,22 +55,28 @@ $(CUDA_STAMP): setup.py $(wildcard cpp/*)
 # requirements-hf5.txt), each with torch 2.13.0 and the extension built; .venv keeps 4.37.2.
 # tests/hf runs in both (its conftest skips it under .venv); their original-codebase reference
 # (tests/hf/orig_reference.py) runs once under .venv and is shared by both runs.
+# .venv-hf also holds lmms-eval 0.7.3 for `--model llava_hf_agile` (tests/hf/test_hf_lmms_eval.py),
+# installed as in .venv: --no-deps plus requirements-lmms.txt (accelerate and decord, which its
+# llava_hf imports, are pinned in requirements-hf.txt).
 define HF_SETUP
 	test -x $(1)/bin/python || $(PY) -m venv $(1)
 	$(1)/bin/python -m pip install -q --upgrade "pip==24.2" "setuptools==80.9.0" "wheel==0.44.0"
 	$(1)/bin/python -m pip install -q -r $(2)
+	$(if $(3),$(1)/bin/python -m pip install -q --no-deps $(3))
 	$(1)/bin/python -m pip install -q --no-build-isolation --use-pep517 -e .
 	$(1)/bin/python -c "import sys, llava_agile as L; sys.exit(0 if L.ext_available() else 'llava_agile._C did not load: ' + L.backend.unavailable_reason())"
-	touch $(1)/.setup-done
 endef
 
 hf-setup: .venv-hf/.setup-done .venv-hf5/.setup-done
 
-.venv-hf/.setup-done: requirements-hf.txt setup.py $(wildcard cpp/*)
-	$(call HF_SETUP,.venv-hf,requirements-hf.txt)
+.venv-hf/.setup-done: requirements-hf.txt requirements-lmms.txt setup.py $(wildcard cpp/*)
+	$(call HF_SETUP,.venv-hf,requirements-hf.txt -r requirements-lmms.txt,lmms-eval==0.7.3)
+	.venv-hf/bin/python -c "import sys, lmms_eval.models as M; sys.exit(0 if 'llava_hf_agile' in M.AVAILABLE_MODELS else 'lmms-eval does not list llava_hf_agile (entry point lmms_eval.models missing)')"
+	touch $@
 
 .venv-hf5/.setup-done: requirements-hf5.txt setup.py $(wildcard cpp/*)
 	$(call HF_SETUP,.venv-hf5,requirements-hf5.txt)
+	touch $@
 
 hf-test: setup hf-setup
 	rm -rf build/hf-reference && $(BIN)/python tests/hf/orig_reference.py build/hf-reference

@@ -6,128 +6,29 @@ Runs in .venv, where `make setup` installs lmms-eval 0.7.3 (--no-deps, requireme
 import glob
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 
 import lmms_eval  # noqa: F401  (make setup installs it: a missing install must fail, not skip)
 import torch
+from lmms_helpers import QUESTION, lmms, samples, write_tasks
 
 torch.set_num_threads(1)
 KEEP = 16
 N_TOKENS = 576  # 336 / 14 squared: the tiny LLaVA's visual tokens per image
-QUESTION = "What color is the box?"
-
-UTILS = '''
-def doc_to_visual(doc):
-    return [doc["image"].convert("RGB")]
-
-
-def doc_to_text(doc):
-    return doc["question"]
-
-
-def doc_to_choice(doc):
-    return ["red", "green", "blue"]
-'''
-
-GEN_YAML = '''task: tiny_agile_gen
-dataset_path: parquet
-dataset_kwargs:
-  data_files:
-    test: {parquet}
-test_split: test
-output_type: generate_until
-doc_to_visual: !function utils.doc_to_visual
-doc_to_text: !function utils.doc_to_text
-doc_to_target: "answer"
-generation_kwargs:
-  max_new_tokens: 4
-  temperature: 0
-  do_sample: false
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-'''
-
-MC_YAML = '''task: tiny_agile_mc
-dataset_path: parquet
-dataset_kwargs:
-  data_files:
-    test: {parquet}
-test_split: test
-output_type: multiple_choice
-doc_to_visual: !function utils.doc_to_visual
-doc_to_text: !function utils.doc_to_text
-doc_to_choice: !function utils.doc_to_choice
-doc_to_target: "answer"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-'''
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from datasets import Dataset, Features, Image, Value
-
     from llava_agile.assets import build_tiny_llava, tiny_image
 
     root = tmp_path_factory.mktemp("lmms")
     model = build_tiny_llava(str(root / "tiny-llava-v1.5"), seed=0)
     sizes = [(300, 200), (200, 320), (336, 336), (420, 260), (260, 260)]
-    rows = {"image": [tiny_image(i, s) for i, s in enumerate(sizes)],
-            "question": [QUESTION] * len(sizes),
-            "answer": ["red", "green", "blue", "red", "blue"]}
-    Dataset.from_dict(rows, features=Features(image=Image(), question=Value("string"),
-                                              answer=Value("string"))
-                      ).to_parquet(str(root / "tiny.parquet"))
-    tasks = root / "tasks"
-    tasks.mkdir()
-    (tasks / "utils.py").write_text(UTILS)
-    (tasks / "tiny_agile_gen.yaml").write_text(GEN_YAML.format(parquet=root / "tiny.parquet"))
-    (tasks / "tiny_agile_mc.yaml").write_text(MC_YAML.format(parquet=root / "tiny.parquet"))
-    return {"root": root, "model": model, "tasks": str(tasks), "docs": len(sizes),
+    tasks = write_tasks(root, [tiny_image(i, s) for i, s in enumerate(sizes)],
+                        ["red", "green", "blue", "red", "blue"])
+    return {"root": root, "model": model, "tasks": tasks, "docs": len(sizes),
             "hf_home": str(root / "hf")}
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def lmms(env, out, model_args, tasks="tiny_agile_gen", model="llava_agile", nproc=1, extra=(),
-         more_env=None, timeout=600):
-    """Run the lmms-eval CLI; returns (returncode, stdout + stderr, results dict or None)."""
-    launcher = [sys.executable, "-m", "lmms_eval"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "lmms_eval"]
-    cmd = [*launcher, "--model", model, "--model_args", model_args, "--tasks", tasks,
-           "--include_path", env["tasks"], "--batch_size", "1", "--device", "cpu",
-           "--output_path", str(out), "--log_samples", *extra]
-    proc_env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
-                    TOKENIZERS_PARALLELISM="false", HF_HOME=env["hf_home"],
-                    HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore",
-                    **(more_env or {}))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=proc_env, timeout=timeout,
-                          cwd=str(env["root"]))
-    files = glob.glob(os.path.join(str(out), "*", "*_results.json"))
-    results = None
-    if files:
-        with open(files[0]) as f:
-            results = json.load(f)
-    return proc.returncode, proc.stdout + proc.stderr, results
-
-
-def samples(out, task):
-    (path,) = glob.glob(os.path.join(str(out), "*", f"*_samples_{task}.jsonl"))
-    with open(path) as f:
-        return [json.loads(line) for line in f]
 
 
 def text_tokens(model_path, question=QUESTION):

@@ -69,13 +69,10 @@ def shorten(input_ids, attention_mask, image_token_id: int, full: list, kept: li
     return out_ids, out_mask, lengths
 
 
-def generate(model, input_ids=None, pixel_values=None, attention_mask=None, image_sizes=None,
-             **generate_kwargs):
-    """Encode and prune the images, shorten the prompts, run the stock `model.generate`.
-
-    Takes the processor's outputs (`**inputs`) and `generate`'s arguments. Returns
-    `(output of generate, prompt lengths)`: the rows are left-padded to `lengths.max()`, so the
-    new tokens of row i start at column `lengths.max()` of `output` (or `output.sequences`)."""
+def prepare(model, input_ids=None, pixel_values=None, attention_mask=None, image_sizes=None):
+    """Encode and prune the images and shorten the prompts; the features wait for the model's
+    next forward (`generate` or a plain call with the same `pixel_values`). Returns the shortened
+    `(input_ids, attention_mask, prompt lengths)`."""
     state = model.__dict__.get("_agile_state")
     if state is None or not hasattr(state, "inner"):
         raise ValueError("llava_agile.generate needs an HF LLaVA model enabled with "
@@ -92,12 +89,23 @@ def generate(model, input_ids=None, pixel_values=None, attention_mask=None, imag
     pad = model.generation_config.pad_token_id
     pad = pad if pad is not None else getattr(cfg.get_text_config(), "pad_token_id", None)
     pad = 0 if pad is None else int(pad[0] if isinstance(pad, (list, tuple)) else pad)
-    ids, mask, lengths = shorten(input_ids, attention_mask, image_token_id, full, kept, pad)
-    extra = {} if image_sizes is None else {"image_sizes": image_sizes}
+    shortened = shorten(input_ids, attention_mask, image_token_id, full, kept, pad)
     state.pending = out
+    return shortened
+
+
+def generate(model, input_ids=None, pixel_values=None, attention_mask=None, image_sizes=None,
+             **generate_kwargs):
+    """Encode and prune the images, shorten the prompts, run the stock `model.generate`.
+
+    Takes the processor's outputs (`**inputs`) and `generate`'s arguments. Returns
+    `(output of generate, prompt lengths)`: the rows are left-padded to `lengths.max()`, so the
+    new tokens of row i start at column `lengths.max()` of `output` (or `output.sequences`)."""
+    ids, mask, lengths = prepare(model, input_ids, pixel_values, attention_mask, image_sizes)
+    extra = {} if image_sizes is None else {"image_sizes": image_sizes}
     try:
         result = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixel_values,
                                 **extra, **generate_kwargs)
     finally:
-        state.pending = None
+        model._agile_state.pending = None
     return result, lengths

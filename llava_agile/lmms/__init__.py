@@ -1,9 +1,10 @@
 """lmms-eval integration: `python -m lmms_eval --model llava_agile --model_args pretrained=...,
-pruning=adaptive,keep=64,pruning_args="erank_avg=90"` (README "Evaluating with lmms-eval").
+pruning=adaptive,keep=64,pruning_args="erank_avg=90"` (README "Evaluating with lmms-eval"), and
+`--model llava_hf_agile` for transformers' LLaVA-1.5 / LLaVA-NeXT checkpoints (llava-hf/*).
 
-lmms-eval (0.7.3) finds the model through the `lmms_eval.models` entry point of this package
-(setup.py), which names `manifests`; the class lives in `llava_agile.lmms.llava` and is imported
-only when lmms-eval resolves the name.
+lmms-eval (0.7.3) finds the models through the `lmms_eval.models` entry point of this package
+(setup.py), which names `manifests`; the classes live in `llava_agile.lmms.llava` and
+`llava_agile.lmms.llava_hf` and are imported only when lmms-eval resolves the name.
 """
 
 
@@ -12,4 +13,6 @@ def manifests():
     from lmms_eval.models.registry_v2 import ModelManifest
 
     return [ModelManifest(model_id="llava_agile",
-                          simple_class_path="llava_agile.lmms.llava.LlavaAgile")]
+                          simple_class_path="llava_agile.lmms.llava.LlavaAgile"),
+            ModelManifest(model_id="llava_hf_agile",
+                          simple_class_path="llava_agile.lmms.llava_hf.LlavaHfAgile")]

@@ -23,71 +23,26 @@ defaults); what differs:
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import inspect
-import json
-import os
-import sys
-import traceback
-from datetime import timedelta
 
 import torch
-from accelerate import Accelerator, InitProcessGroupKwargs
 from loguru import logger as eval_logger
 from tqdm import tqdm
 
 from lmms_eval import utils
-from lmms_eval.api.instance import GenerationResult, TokenCounts
+from lmms_eval.api.instance import GenerationResult
 from lmms_eval.api.model import lmms
 from lmms_eval.models.simple.llava import Llava
 
-from ..config import PruneConfig
 from ..llava.runtime import load_pretrained_model
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-PRUNING_KEYS = ("keep", "pruning_args", "erank_avg_file")
+from .common import AgileLmms, generated_tokens
 
 
-def _unquote(value):
-    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-        return value[1:-1]
-    return value
-
-
-def pruning_config(pruning=None, keep=None, pruning_args=None, erank_avg_file=None):
-    """The PruneConfig that the model_args ask for (None: no pruning); ValueError on bad input.
-
-    `pruning_args` holds key=value pairs separated by ',' (quote the value: lmms-eval splits
-    model_args on unquoted commas) or ';'."""
-    if pruning is None:
-        given = [k for k, v in zip(PRUNING_KEYS, (keep, pruning_args, erank_avg_file))
-                 if v is not None]
-        if given:
-            raise ValueError(f"{', '.join(given)} given without pruning=METHOD; add e.g. "
-                             f"pruning=adaptive to --model_args")
-        return None
-    text = _unquote(pruning_args)
-    if isinstance(text, str):
-        text = text.replace(";", ",")
-    elif text is not None:
-        raise ValueError(f"pruning_args must be key=value pairs, e.g. "
-                         f"pruning_args=\"erank_avg=90,tau_max=0.3\", got {pruning_args!r}")
-    return PruneConfig.from_args(str(pruning), 64 if keep is None else keep, text,
-                                 erank_avg_file=_unquote(erank_avg_file))
-
-
-def _output_path():
-    """lmms-eval's --output_path (results go to OUTPUT/<model>/...), or None."""
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    parser.add_argument("--output_path", default=None)
-    return parser.parse_known_args(sys.argv[1:])[0].output_path
-
-
-class LlavaAgile(Llava):
+class LlavaAgile(AgileLmms, Llava):
     """lmms-eval model `llava_agile`; see the module docstring."""
 
     is_simple = True
+    model_id = "llava_agile"
 
     def __init__(self, pretrained: str = "liuhaotian/llava-v1.5-7b", pruning: str | None = None,
                  keep: int | None = None, pruning_args: str | None = None,
@@ -99,49 +54,13 @@ class LlavaAgile(Llava):
                  tie_weights: bool = True, attn_implementation: str | None = None,
                  device_map: str | None = None, stats_dir: str | None = None, **unknown) -> None:
         lmms.__init__(self)
-        if unknown:
-            accepted = [p for p in inspect.signature(LlavaAgile.__init__).parameters
-                        if p not in ("self", "unknown", "max_batch_size")]
-            raise ValueError(f"llava_agile: unknown --model_args {', '.join(sorted(unknown))}; "
-                             f"accepted: {', '.join(accepted)}")
-        try:
-            cfg = pruning_config(pruning, keep, pruning_args, erank_avg_file)
-        except ValueError as exc:
-            raise ValueError(f"llava_agile --model_args: {exc}") from None
-        if dtype is not None and dtype not in DTYPES:
-            raise ValueError(f"llava_agile --model_args: dtype must be one of "
-                             f"{', '.join(DTYPES)}, got {dtype!r}")
-        if not str(batch_size).isdigit() or int(batch_size) < 1:
-            raise ValueError(f"llava_agile: --batch_size must be an integer >= 1 (1 recommended), "
-                             f"got {batch_size!r}")
+        cfg = self._check_args(unknown, pruning, keep, pruning_args, erank_avg_file, dtype,
+                               batch_size, device_map)
         if int(batch_size) > 1:
             eval_logger.warning("llava_agile: --batch_size > 1 pads prompts on the tokenizer's "
                                 "side (right for LLaVA), as lmms-eval's llava does; use 1 for "
                                 "LLaVA's answers")
-
-        if device_map not in (None, "auto"):
-            raise ValueError(f"llava_agile --model_args: device_map must be 'auto' (one process, "
-                             f"the model spread over every visible GPU) or left out, got "
-                             f"{device_map!r}")
-        timeout = InitProcessGroupKwargs(timeout=timedelta(weeks=52))  # as lmms-eval's llava
-        accelerator = Accelerator(kwargs_handlers=[timeout])
-        self.accelerator = accelerator
-        self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
-        if device_map == "auto" and self._world_size > 1:
-            raise ValueError("llava_agile: device_map=auto spreads one model over all GPUs in one "
-                             "process; run it without torchrun / accelerate launch, or drop it")
-        on_cpu = str(device).startswith("cpu") or not torch.cuda.is_available()
-        if on_cpu:
-            self._device = torch.device("cpu")
-        elif self._world_size == 1 and device is not None and str(device).startswith("cuda:"):
-            self._device = torch.device(device)  # one process: the GPU asked for
-        else:  # one GPU per process of this node
-            self._device = torch.device(f"cuda:{accelerator.local_process_index}")
-        self.device_map = device_map or str(self._device)
-        if device_map is None:
-            dtype = DTYPES[dtype or ("float32" if on_cpu else "float16")]
-        else:  # LLaVA's builder decides (float16 LLM; on CPU its CLIP tower stays float32)
-            dtype = DTYPES.get(dtype)
+        dtype = self._place(device, device_map, dtype)
         extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
         if model_name is None:
             from llava.mm_utils import get_model_name_from_path
@@ -174,19 +93,6 @@ class LlavaAgile(Llava):
         eval_logger.info(f"llava_agile: rank {self._rank}/{self._world_size} on {self._device} "
                          f"({self._model.dtype}), pruning {cfg.to_dict() if cfg else 'off'}")
 
-    # ------------------------------------------------------------ measuring
-
-    def _record_prefill(self, module, args, kwargs):
-        """The first LLM call of a request (the prefill): tokens per sample, padding excluded."""
-        embeds = kwargs.get("inputs_embeds")
-        if self._prefill is not None or embeds is None:
-            return
-        mask = kwargs.get("attention_mask")
-        if mask is not None and mask.dim() == 2:
-            self._prefill = [int(n) for n in mask.sum(1).tolist()]
-        else:
-            self._prefill = [int(embeds.shape[1])] * embeds.shape[0]
-
     def _images(self, visuals):
         from llava.mm_utils import process_images
 
@@ -197,48 +103,6 @@ class LlavaAgile(Llava):
         if type(image) is list:
             return [x.to(dtype=dtype, device=self.device) for x in image]
         return image.to(dtype=dtype, device=self.device)
-
-    def _log_requests(self, reqs, counts, prefill, generated=None):
-        """One record per request (not for lmms-eval's padding copies); returns TokenCounts."""
-        stats = list(getattr(self.model, "agile_stats", None) or []) if self.pruning else []
-        out, start = [], 0
-        for i, req in enumerate(reqs):
-            images = stats[start:start + counts[i]]
-            start += counts[i]
-            tc = TokenCounts(input_tokens=prefill[i] if prefill else None,
-                             output_tokens=None if generated is None else generated[i])
-            out.append(tc)
-            if (req.metadata or {}).get("__padding_only__"):
-                continue
-            self.agile_records.append({
-                "task": req.task_name, "doc_id": req.doc_id, "request": req.request_type,
-                "images": counts[i], "prefill": tc.input_tokens, "output": tc.output_tokens,
-                "kept": [s.get("kept") for s in images],
-                "prune_ms": [round(float(s.get("prune_ms", 0.0)), 4) for s in images]})
-        return out
-
-    def _fail(self, what):
-        """Fail fast: log, then end this process (torchrun / accelerate then stop the others)."""
-        message = (f"llava_agile: rank {self.rank}/{self.world_size}: {what} failed; ending the "
-                   f"run (exit 1)\n{traceback.format_exc()}")
-        eval_logger.error(message)
-        print(message, file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(1)
-
-    # ------------------------------------------------------------ requests
-
-    def loglikelihood(self, requests):
-        try:
-            return self._loglikelihood(requests)
-        except Exception:
-            self._fail("loglikelihood")
-
-    def generate_until(self, requests):
-        try:
-            return self._generate_until(requests)
-        except Exception:
-            self._fail("generate_until")
 
     def _prompt(self, question):
         from llava.conversation import conv_templates
@@ -344,7 +208,7 @@ class LlavaAgile(Llava):
             # transformers 4.37 starts the output of an inputs_embeds generate with the BOS
             bos = self.tokenizer.bos_token_id
             start = int(cont.shape[1] > 0 and bos is not None and bool((cont[:, 0] == bos).all()))
-            generated = [_generated_tokens(row[start:], self.tokenizer.eos_token_id, pad)
+            generated = [generated_tokens(row[start:], self.tokenizer.eos_token_id, pad)
                          for row in cont]
             counts_tc = self._log_requests(reqs, counts, self._prefill, generated)
             res.extend(GenerationResult(text=t, token_counts=tc)
@@ -354,72 +218,3 @@ class LlavaAgile(Llava):
         res = re_ords.get_original(res)
         pbar.close()
         return res
-
-    # ------------------------------------------------------------ statistics
-
-    def agile_summary(self, records=None) -> dict:
-        """Per task: requests, images, mean / min / max kept tokens per image, mean prefill."""
-        records = self.agile_records if records is None else records
-        tasks = {}
-        for r in records:
-            t = tasks.setdefault(r["task"], {"requests": 0, "images": 0, "kept": [], "prefill": [],
-                                             "prune_ms": []})
-            t["requests"] += 1
-            t["images"] += r["images"]
-            t["kept"] += [k for k in r["kept"] if k is not None]
-            t["prune_ms"] += r["prune_ms"]
-            if r["prefill"] is not None:
-                t["prefill"].append(r["prefill"])
-        out = {}
-        for name, t in tasks.items():
-            kept, pre, ms = t.pop("kept"), t.pop("prefill"), t.pop("prune_ms")
-            out[name] = dict(t, kept_per_image_mean=sum(kept) / len(kept) if kept else None,
-                             kept_per_image_min=min(kept, default=None),
-                             kept_per_image_max=max(kept, default=None),
-                             prefill_tokens_mean=sum(pre) / len(pre) if pre else None,
-                             prune_ms_mean=sum(ms) / len(ms) if ms else None)
-        return out
-
-    def _write_stats(self):
-        root = self.stats_dir or _output_path()
-        records = self.agile_records
-        gathered = [records]
-        dist = torch.distributed
-        if self.world_size > 1 and dist.is_available() and dist.is_initialized():
-            gathered = [None] * self.world_size
-            dist.all_gather_object(gathered, records)
-        if root is None:
-            return
-        from lmms_eval.utils import sanitize_model_name
-
-        folder = root if self.stats_dir else \
-            os.path.join(root, sanitize_model_name(str(self.pretrained)))
-        os.makedirs(folder, exist_ok=True)
-        head = {"model": "llava_agile", "pretrained": str(self.pretrained),
-                "pruning": self.pruning.to_dict() if self.pruning else None,
-                "world_size": self.world_size}
-        with open(os.path.join(folder, f"agile_stats_rank{self.rank}.json"), "w") as f:
-            json.dump(dict(head, rank=self.rank, summary=self.agile_summary(), samples=records), f,
-                      indent=1)
-        if self.rank == 0:
-            every = [r for part in gathered for r in part]
-            with open(os.path.join(folder, "agile_stats.json"), "w") as f:
-                json.dump(dict(head, summary=self.agile_summary(every), samples=every), f, indent=1)
-
-    def clean(self):
-        """lmms-eval calls this on every rank once all requests ran: write the statistics."""
-        try:
-            self._write_stats()
-        except Exception:
-            self._fail("writing agile_stats")
-        super().clean()
-
-
-def _generated_tokens(row, eos, pad) -> int:
-    """Generated tokens before the first end-of-sequence (or padding) token."""
-    n = 0
-    for tok in row.tolist():
-        if tok == eos or tok == pad:
-            break
-        n += 1
-    return n
