@@ -16,7 +16,8 @@ import torch
 from accelerate import Accelerator, InitProcessGroupKwargs
 from loguru import logger as eval_logger
 
-from lmms_eval.api.instance import TokenCounts
+from lmms_eval import utils
+from lmms_eval.api.instance import GenerationResult, TokenCounts
 
 from ..config import PruneConfig
 
@@ -168,6 +169,28 @@ class AgileLmms:
         os._exit(1)
 
     # ------------------------------------------------------------ requests
+
+    def _scored(self, req, images: int, loss, max_equal) -> GenerationResult:
+        """One loglikelihood answer with its TokenCounts; wrapped, because 0.7.3's
+        `unwrap_generation_output` turns a bare (loss, greedy) tuple into a string."""
+        (tc,) = self._log_requests([req], [images], self._prefill, [0])
+        return GenerationResult(text=(float(loss), bool(max_equal)), token_counts=tc)
+
+    def _ordered(self, requests):
+        """lmms-eval's generation order (longest context first), each request kept last."""
+        return utils.Collator([(*reg.args, reg) for reg in requests],
+                              lambda x: (-len(self.tok_encode(x[0])), x[0]), grouping=True)
+
+    @staticmethod
+    def _generation_defaults(gen_kwargs: dict) -> dict:
+        """The task's generation kwargs with lmms-eval's llava / llava_hf defaults; stop strings
+        dropped (those wrappers do not apply them)."""
+        gen_kwargs = dict(gen_kwargs)
+        gen_kwargs.pop("until", None)
+        for key, value in (("max_new_tokens", 1024), ("temperature", 0), ("top_p", None),
+                           ("num_beams", 1)):
+            gen_kwargs.setdefault(key, value)
+        return gen_kwargs
 
     def loglikelihood(self, requests):
         try:

@@ -29,7 +29,6 @@ import torch
 from loguru import logger as eval_logger
 from tqdm import tqdm
 
-from lmms_eval import utils
 from lmms_eval.api.instance import GenerationResult
 from lmms_eval.api.model import lmms
 from lmms_eval.models.simple.llava import Llava
@@ -148,11 +147,8 @@ class LlavaAgile(AgileLmms, Llava):
                 outputs = self.model(input_ids=input_ids, labels=labels, images=image,
                                      use_cache=True, image_sizes=image_sizes)
             greedy = outputs["logits"].argmax(dim=-1)[:, context_ids.shape[1]:input_ids.shape[1]]
-            max_equal = bool((greedy == input_ids[:, context_ids.shape[1]:]).all())
-            (tc,) = self._log_requests([req], [len(visuals)], self._prefill, [0])
-            # a bare (loss, greedy) tuple would become a string in unwrap_generation_output
-            res.append(GenerationResult(text=(float(outputs["loss"].item()), max_equal),
-                                        token_counts=tc))
+            max_equal = (greedy == input_ids[:, context_ids.shape[1]:]).all()
+            res.append(self._scored(req, len(visuals), outputs["loss"].item(), max_equal))
             pbar.update(1)
         pbar.close()
         return res
@@ -163,8 +159,7 @@ class LlavaAgile(AgileLmms, Llava):
         from llava.mm_utils import tokenizer_image_token
 
         res = []
-        re_ords = utils.Collator([(*reg.args, reg) for reg in requests],
-                                 lambda x: (-len(self.tok_encode(x[0])), x[0]), grouping=True)
+        re_ords = self._ordered(requests)
         chunks = re_ords.get_batched(n=self.batch_size, batch_fn=None)
         pbar = tqdm(total=-(-len(requests) // self.batch_size), disable=(self.rank != 0),
                     desc="Model Responding")
@@ -173,8 +168,7 @@ class LlavaAgile(AgileLmms, Llava):
             task, split = task[0], split[0]
             batched_visuals = [doc_to_visual[0](self.task_dict[task][split][i]) for i in doc_id]
             flattened_visuals = self.flatten(batched_visuals)
-            gen_kwargs = dict(all_gen_kwargs[0])
-            gen_kwargs.pop("until", None)  # as in Llava: stop strings are not applied
+            gen_kwargs = self._generation_defaults(all_gen_kwargs[0])
             if "image_aspect_ratio" in gen_kwargs and \
                     "image_aspect_ratio" not in self._config.__dict__:
                 self._config.image_aspect_ratio = gen_kwargs.pop("image_aspect_ratio")
@@ -188,10 +182,6 @@ class LlavaAgile(AgileLmms, Llava):
                 prompts.append(self._prompt(context).get_prompt())
                 counts.append(len(visual) if isinstance(visual, list) else int(visual is not None))
             gen_kwargs["image_sizes"] = [v.size for v in flattened_visuals]
-            gen_kwargs.setdefault("max_new_tokens", 1024)
-            gen_kwargs.setdefault("temperature", 0)
-            gen_kwargs.setdefault("top_p", None)
-            gen_kwargs.setdefault("num_beams", 1)
             ids = [tokenizer_image_token(p, self.tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")
                    for p in prompts]
             pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \

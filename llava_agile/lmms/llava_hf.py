@@ -24,7 +24,6 @@ import torch
 from loguru import logger as eval_logger
 from tqdm import tqdm
 
-from lmms_eval import utils
 from lmms_eval.api.instance import GenerationResult
 from lmms_eval.api.model import lmms
 from lmms_eval.models.simple.llava_hf import DEFAULT_IMAGE_TOKEN, VICUNA_CHAT_TEMPLATE, LlavaHf
@@ -162,10 +161,8 @@ class LlavaHfAgile(AgileLmms, LlavaHf):
                         self.model._agile_state.pending = None
             # position i predicts token i + 1 (llava_hf compares without this shift)
             greedy = outputs["logits"].argmax(dim=-1)[:, n_context - 1:-1]
-            max_equal = bool((greedy == inputs["input_ids"][:, n_context:]).all())
-            (tc,) = self._log_requests([req], [len(visuals)], self._prefill, [0])
-            res.append(GenerationResult(text=(float(outputs["loss"].item()), max_equal),
-                                        token_counts=tc))
+            max_equal = (greedy == inputs["input_ids"][:, n_context:]).all()
+            res.append(self._scored(req, len(visuals), outputs["loss"].item(), max_equal))
             pbar.update(1)
         pbar.close()
         return res
@@ -175,23 +172,17 @@ class LlavaHfAgile(AgileLmms, LlavaHf):
         from llava_agile.hf.generate import generate as variable_generate
 
         res = []
-        re_ords = utils.Collator([(*reg.args, reg) for reg in requests],
-                                 lambda x: (-len(self.tok_encode(x[0])), x[0]), grouping=True)
+        re_ords = self._ordered(requests)
         pbar = tqdm(total=len(requests), disable=(self.rank != 0), desc="Model Responding")
         for chunk in re_ords.get_batched(n=1, batch_fn=None):
             (context,), (gen_kwargs,), (doc_to_visual,), (doc_id,), (task,), (split,), (req,) = \
                 zip(*chunk)
             visuals = self._visuals(doc_to_visual, self.task_dict[task][split][doc_id])
-            gen_kwargs = dict(gen_kwargs)
-            gen_kwargs.pop("until", None)  # as in llava_hf: stop strings are not applied
+            gen_kwargs = self._generation_defaults(gen_kwargs)
             if visuals and DEFAULT_IMAGE_TOKEN not in context:
                 context = f"{' '.join([DEFAULT_IMAGE_TOKEN] * len(visuals))}\n{context}"
             text = self._template([{"role": "user", "content": context}], True)
             inputs = self._inputs(text, visuals)
-            gen_kwargs.setdefault("max_new_tokens", 1024)
-            gen_kwargs.setdefault("temperature", 0)
-            gen_kwargs.setdefault("top_p", None)
-            gen_kwargs.setdefault("num_beams", 1)
             do_sample = gen_kwargs["temperature"] > 0
             kwargs = dict(do_sample=do_sample,
                           temperature=gen_kwargs["temperature"] if do_sample else None,
