@@ -68,7 +68,8 @@ define HF_SETUP
 	$(1)/bin/python -m pip install -q --upgrade "pip==24.2" "setuptools==80.9.0" "wheel==0.44.0"
 	$(1)/bin/python -m pip install -q -r $(2)
 	$(if $(3),$(1)/bin/python -m pip install -q --no-deps $(3))
-	$(1)/bin/python -m pip install -q --no-build-isolation --use-pep517 -e .
+	mkdir -p build && flock build/.editable-install.lock \
+		$(1)/bin/python -m pip install -q --no-build-isolation --use-pep517 -e .
 	$(1)/bin/python -c "import sys, llava_agile as L; sys.exit(0 if L.ext_available() else 'llava_agile._C did not load: ' + L.backend.unavailable_reason())"
 endef
 
@@ -118,7 +119,11 @@ $(VLLM_VENV)/.setup-done: requirements-vllm.txt setup.py llava_agile/vllm/torchv
 vllm-test: vllm-setup
 	$(VLLM_VENV)/bin/python -m pytest -q tests/vllm
 
-test: setup cuda-build-check hf-test
+# .venv first; then the CUDA build check and the two HF venvs two at a time (their downloads and
+# compiles overlap; the editable installs, which write llava_agile.egg-info, take turns by flock)
+test: setup
+	$(MAKE) --no-print-directory -j2 cuda-build-check hf-setup
+	$(MAKE) --no-print-directory hf-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS) --durations=15 tests --ignore=tests/hf --ignore=tests/vllm
 
 # every method on real photos through the real LLaVA code path (offline DINOv2 LLaVA under out/)
