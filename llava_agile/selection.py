@@ -27,7 +27,7 @@ def select(cfg, space, attn, clip, keep: int, keys=None, cls=None):
     params = dict(cfg.params)
     if "similarity_features" in REGISTRY[cfg.method][1]:
         params["similarity_features"] = clip
-    if "keys" in REGISTRY[cfg.method][1]:  # visionzip: the select layer's keys, from the hook
+    if needs_keys(cfg.method):  # visionzip: the select layer's keys, from the hook
         if keys is None:
             raise ValueError(f"method {cfg.method!r} needs the select layer's keys; this "
                              f"integration does not record them (use llava_agile.enable)")
@@ -48,8 +48,6 @@ def select(cfg, space, attn, clip, keep: int, keys=None, cls=None):
 
 def needs_keys(method: str) -> bool:
     """Does `method` take the select layer's keys (recorded by the [CLS] hook)?"""
-    from .methods import REGISTRY
-
     return "keys" in REGISTRY[method][1]
 
 

@@ -12,8 +12,8 @@ import types
 import torch
 
 from ..config import PruneConfig
-from ..methods import MERGING, REGISTRY
-from ..selection import crop_mask, flat_tokens
+from ..methods import MERGING
+from ..selection import crop_mask, flat_tokens, needs_keys
 from ..selection import select as _select  # shared with llava_agile.hf
 from . import compat
 from .anyres import assemble, grid_layout
@@ -257,7 +257,7 @@ def enable(model, method="adaptive", keep: int | None = None, *, feature_space: 
     _check_model(model, cfg)
     if is_enabled(model):
         disable(model)
-    zip_ = "keys" in REGISTRY[cfg.method][1]  # visionzip: also the keys and the CLS output
+    zip_ = needs_keys(cfg.method)  # visionzip: also the keys and the CLS output
     tower = model.get_vision_tower()
     state = _State(cfg, ClsAttentionHook(attention_module(tower), keys=zip_,
                                          block=select_block(tower) if zip_ else None))
