@@ -17,7 +17,7 @@ CUDA_OUT := build/cuda-check
 PYTEST_WORKERS ?= 2
 PYTEST_ARGS ?= -q -n $(PYTEST_WORKERS) --dist loadfile
 
-.PHONY: setup test demo clean cuda-build-check hf-setup hf-test vllm-setup vllm-test
+.PHONY: setup test main-test demo clean cuda-build-check hf-setup hf-test vllm-setup vllm-test
 
 setup: $(STAMP)
 
@@ -109,7 +109,8 @@ $(VLLM_VENV)/.setup-done: requirements-vllm.txt setup.py llava_agile/vllm/torchv
 	SITE=$$($(VLLM_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") && \
 	cp llava_agile/vllm/torchvision_fix.py $$SITE/_llava_agile_torchvision_fix.py && \
 	echo "import _llava_agile_torchvision_fix" > $$SITE/llava_agile_torchvision_fix.pth
-	$(VLLM_VENV)/bin/python -m pip install -q --no-build-isolation --no-deps -e .
+	mkdir -p build && flock build/.editable-install.lock \
+		$(VLLM_VENV)/bin/python -m pip install -q --no-build-isolation --no-deps -e .
 	cd $(VLLM_VENV) && bin/python -c "import sys, llava_agile as L; sys.exit(0 if L.ext_available() else 'llava_agile._C did not load: ' + L.backend.unavailable_reason())"
 	cd $(VLLM_VENV) && bin/python -c "import vllm.model_executor.models.llava; \
 	from importlib.metadata import entry_points as E; \
@@ -117,13 +118,17 @@ $(VLLM_VENV)/.setup-done: requirements-vllm.txt setup.py llava_agile/vllm/torchv
 	touch $@
 
 vllm-test: vllm-setup
-	$(VLLM_VENV)/bin/python -m pytest -q tests/vllm
+	$(VLLM_VENV)/bin/python -m pytest $(PYTEST_ARGS) tests/vllm
 
-# .venv first; then the CUDA build check and the two HF venvs two at a time (their downloads and
-# compiles overlap; the editable installs, which write llava_agile.egg-info, take turns by flock)
+# .venv first; then the CUDA build check and the HF and vLLM venvs three at a time (downloads and
+# compiles overlap; the editable installs, which rewrite llava_agile.egg-info and the in-place
+# llava_agile/_C*.so, take turns by flock); then the three suites at once, each job's output
+# printed whole when it ends (no test runs while an editable install could rewrite the .so)
 test: setup
-	$(MAKE) --no-print-directory -j2 cuda-build-check hf-setup
-	$(MAKE) --no-print-directory hf-test
+	$(MAKE) --no-print-directory -j3 cuda-build-check hf-setup vllm-setup
+	$(MAKE) --no-print-directory -j3 --output-sync=target hf-test vllm-test main-test
+
+main-test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS) --durations=15 tests --ignore=tests/hf --ignore=tests/vllm
 
 # every method on real photos through the real LLaVA code path (offline DINOv2 LLaVA under out/)

@@ -112,3 +112,13 @@ def crop_mask(cfg, space, attn, clip, candidates=None):
         idx = res.indices[0]
         mask[crop[idx], patch[idx]] = True
     return mask, res.stats[0], ms, dict(extra, mode=mode if n > 1 else None)
+
+
+def crop_stats(st: dict, extra: dict, fed: torch.Tensor, tokens: int, ms: float) -> dict:
+    """One multi-crop image's stats: `fed` `[crops, N]` marks the patches that reach the LLM,
+    `tokens` counts them with the newlines."""
+    n = fed.shape[0]
+    kept = int(fed.sum())
+    indices = [fed[c].nonzero().flatten().tolist() for c in range(n)]
+    return dict(st, **extra, crops=n, kept=kept, prune_ms=ms, tokens=tokens,
+                newlines=tokens - kept, indices=indices[0] if n == 1 else indices)

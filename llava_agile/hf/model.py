@@ -17,7 +17,7 @@ import warnings
 import torch
 
 from ..llava.attention import ClsAttentionHook, select_layer_index
-from ..selection import crop_mask, flat_tokens, needs_keys
+from ..selection import crop_mask, crop_stats, flat_tokens, needs_keys
 
 SUPPORTED = {"llava": "LlavaForConditionalGeneration",
              "llava_next": "LlavaNextForConditionalGeneration"}
@@ -226,13 +226,7 @@ def next_pack_image_features(state, orig):
             tokens = full[i][keep]
             fed = torch.zeros(n * N, dtype=torch.bool, device=mask.device)
             fed[cells[keep[code > 0]]] = True
-            fed = fed.view(n, N)
-            kept = int(fed.sum())
-            indices = [fed[j].nonzero().flatten().tolist() for j in range(n)]
-            state.stats.append(dict(st, **extra, crops=n, kept=kept, prune_ms=ms,
-                                    tokens=int(tokens.shape[0]),
-                                    newlines=int(tokens.shape[0]) - kept,
-                                    indices=indices[0] if n == 1 else indices))
+            state.stats.append(crop_stats(st, extra, fed.view(n, N), int(tokens.shape[0]), ms))
             feats.append(tokens)
         state.full_lengths = [int(f.shape[0]) for f in full]
         lens = torch.tensor([f.shape[0] for f in feats], dtype=torch.long,

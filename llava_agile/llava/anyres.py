@@ -20,9 +20,14 @@ class Layout:
     patch: torch.Tensor
     newline: bool
 
-    def candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(crop, patch) of every surviving cell in LLaVA's raster order."""
-        return self.crop.reshape(-1), self.patch.reshape(-1)
+    def candidates(self, base: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(crop, patch) in the LLM's order over the `[1 + crops, base]` features: the base
+        crop's `base` patches (crop 0), then every surviving cell (crop 1 + its high-res crop)
+        in raster order. The `global` anyres mode selects among these."""
+        dev = self.crop.device
+        return (torch.cat([torch.zeros(base, dtype=torch.long, device=dev),
+                           self.crop.reshape(-1) + 1]),
+                torch.cat([torch.arange(base, device=dev), self.patch.reshape(-1)]))
 
 
 def grid_layout(model, image_size, n_crops: int, side: int, device=None) -> Layout:

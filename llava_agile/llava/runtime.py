@@ -13,7 +13,7 @@ import torch
 
 from ..config import PruneConfig
 from ..methods import MERGING
-from ..selection import crop_mask, flat_tokens, needs_keys
+from ..selection import crop_mask, crop_stats, flat_tokens, needs_keys
 from ..selection import select as _select  # shared with llava_agile.hf
 from . import compat
 from .anyres import assemble, grid_layout
@@ -147,12 +147,8 @@ def _image_tokens(model, cfg, clip, attn, proj, image_size, keys=None, cls=None)
             f = torch.cat([f, newline[None].to(f)])
         return f, dict(st, tokens=int(f.shape[0]))
 
-    candidates = None  # global: K over the base crop and every high-res cell LLaVA keeps
-    if layout is not None:
-        dev = attn.device
-        hi_crop, hi_patch = layout.candidates()
-        candidates = (torch.cat([torch.zeros(N, dtype=torch.long, device=dev), hi_crop + 1]),
-                      torch.cat([torch.arange(N, device=dev), hi_patch]))
+    # global: K over the base crop and every high-res cell LLaVA keeps
+    candidates = None if layout is None else layout.candidates(N)
     mask, st, ms, extra = crop_mask(cfg, space, attn, clip, candidates)
 
     if layout is not None:
@@ -161,12 +157,7 @@ def _image_tokens(model, cfg, clip, attn, proj, image_size, keys=None, cls=None)
         tokens, fed = torch.cat([proj[c][mask[c]] for c in range(n)]), mask
         if spatial and newline is not None:
             tokens = torch.cat([tokens, newline[None].to(tokens)])
-    kept = int(fed.sum())
-    indices = [fed[c].nonzero().flatten().tolist() for c in range(n)]
-    st = dict(st, **extra, crops=n, kept=kept, prune_ms=ms,
-              tokens=int(tokens.shape[0]), newlines=int(tokens.shape[0]) - kept,
-              indices=indices[0] if n == 1 else indices)
-    return tokens, st
+    return tokens, crop_stats(st, extra, fed, int(tokens.shape[0]), ms)
 
 
 def _list_tokens(model, state, images, image_sizes):

@@ -2,9 +2,9 @@
 
 `pip install -e .[vllm]` registers `register` under the entry-point group
 `vllm.general_plugins`; vLLM calls it in every process (front end, engine core, workers). It
-replaces vLLM's `LlavaForConditionalGeneration` with `AgileLlava` (llava_agile/vllm/llava.py),
-which behaves exactly as vLLM's own class unless the model config carries an `agile` entry
-(LLaVA-NeXT: `AgileLlavaNext` refuses that entry; its pruning is not implemented yet):
+replaces vLLM's `LlavaForConditionalGeneration` with `AgileLlava` (llava_agile/vllm/llava.py)
+and `LlavaNextForConditionalGeneration` with `AgileLlavaNext` (llava_agile/vllm/llava_next.py),
+which behave exactly as vLLM's own classes unless the model config carries an `agile` entry:
 
     vllm serve llava-hf/llava-1.5-7b-hf --hf-overrides '{"agile": {"method": "adaptive", "keep": 64}}'
     LLM(model=..., hf_overrides={"agile": {"method": "adaptive", "keep": 64}})
@@ -18,8 +18,7 @@ from __future__ import annotations
 TESTED = ("0.32.0",)
 PLUGIN = "llava_agile"  # the entry point's name: VLLM_PLUGINS=... lists it to load it
 ARCHITECTURES = {"LlavaForConditionalGeneration": "llava_agile.vllm.llava:AgileLlava",
-                 # LLaVA-NeXT: stock vLLM; an `agile` override is refused (not implemented yet)
-                 "LlavaNextForConditionalGeneration": "llava_agile.vllm.llava:AgileLlavaNext"}
+                 "LlavaNextForConditionalGeneration": "llava_agile.vllm.llava_next:AgileLlavaNext"}
 
 
 def register() -> None:

@@ -26,7 +26,6 @@ from vllm.model_executor.models.llava import (LlavaDummyInputsBuilder, LlavaForC
                                               LlavaMultiModalProcessor, LlavaProcessingInfo,
                                               _build_llava_or_pixtral_hf_info,
                                               _build_llava_or_pixtral_hf_processor)
-from vllm.model_executor.models.llava_next import LlavaNextForConditionalGeneration
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.parse import ImageEmbeddingItems
 
@@ -70,11 +69,16 @@ def agile_config(hf_config) -> PruneConfig | None:
     return cfg
 
 
+def kept(cfg: PruneConfig, n: int) -> int:
+    """Tokens `cfg` keeps out of `n` candidates (method "none" keeps all)."""
+    return n if cfg.method == "none" else min(cfg.keep, n)
+
+
 def kept_count(cfg: PruneConfig, n: int, strategy: str) -> int:
     """Tokens per image the LLM sees when vLLM's count is `n` (with [CLS] under "full")."""
     if strategy == "full":
-        return 1 + min(cfg.keep, n - 1)
-    return min(cfg.keep, n)
+        return 1 + kept(cfg, n - 1)
+    return kept(cfg, n)
 
 
 class AgileLlavaProcessingInfo(LlavaProcessingInfo):
@@ -89,14 +93,24 @@ class AgileLlavaProcessingInfo(LlavaProcessingInfo):
         return kept_count(cfg, n, self.get_hf_config().vision_feature_select_strategy)
 
 
-class AgileLlavaMultiModalProcessor(LlavaMultiModalProcessor):
+EMBEDS_REFUSED = ("llava_agile: precomputed image_embeds cannot be pruned (no [CLS] attention "
+                  "row comes with them); send the image itself, or serve without the "
+                  f"'{KEY}' override")
+
+
+class RefuseEmbeds:
+    """Processor mixin: under the plugin an `image_embeds` input is refused while the prompt is
+    built (it would otherwise reach the LLM unpruned)."""
+
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         if self.info.agile_config() is not None and \
                 isinstance(mm_items.get("image"), ImageEmbeddingItems):
-            raise ValueError("llava_agile: precomputed image_embeds cannot be pruned (no [CLS] "
-                             "attention row comes with them); send the image itself, or serve "
-                             "without the 'agile' override")
+            raise ValueError(EMBEDS_REFUSED)
         return super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+
+
+class AgileLlavaMultiModalProcessor(RefuseEmbeds, LlavaMultiModalProcessor):
+    pass
 
 
 def _info(ctx):
@@ -183,7 +197,7 @@ class AgileLlava(LlavaForConditionalGeneration):
         if cfg is None:
             return super()._process_image_input(image_input)
         if isinstance(image_input, LlavaImageEmbeddingInputs):
-            raise ValueError("llava_agile: precomputed image_embeds cannot be pruned; send images")
+            raise ValueError(EMBEDS_REFUSED)
         with _SelectLayerRecorder(self.vision_tower, needs_keys(cfg.method)) as rec:
             feats = self._image_pixels_to_features(self.vision_tower, image_input["pixel_values"])
         full = self.config.vision_feature_select_strategy == "full"
@@ -209,15 +223,3 @@ class AgileLlava(LlavaForConditionalGeneration):
                                    f"prompt holds {want} placeholders")
         self.agile_stats = stats
         return torch.stack(out)
-
-
-class AgileLlavaNext(LlavaNextForConditionalGeneration):
-    """vLLM's LLaVA-NeXT, unchanged; an `agile` override is refused (not implemented yet), so a
-    NeXT model is never served unpruned while the user asked for pruning."""
-
-    def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        if getattr(vllm_config.model_config.hf_config, KEY, None) is not None:
-            raise ValueError(f"llava_agile: the vLLM plugin does not prune LLaVA-NeXT yet "
-                             f"(LLaVA-1.5 only); remove the '{KEY}' override, or use the HF "
-                             f"adapter / LLaVA runtime for NeXT")
-        super().__init__(vllm_config=vllm_config, prefix=prefix)

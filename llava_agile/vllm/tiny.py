@@ -1,11 +1,11 @@
-"""A tiny random llava-hf checkpoint (LLaVA-1.5 layout) that vLLM loads offline: tests and bench.
+"""A tiny random llava-hf checkpoint (LLaVA-1.5 or LLaVA-NeXT) that vLLM loads offline: tests, bench.
 
 Same recipe as `llava_agile.assets.tiny` (its tokenizer trainer and deterministic init), written
-directly in transformers' format: `LlavaForConditionalGeneration` with a 64-d CLIP tower and a
-64-d Llama (2 heads: head_dim 32, the smallest
-vLLM's CPU attention supports), weights named as llava-hf's checkpoints name them (`vision_tower.vision_model.*`,
-`language_model.model.*`, `multi_modal_projector.*`, `language_model.lm_head.*`), a
-`LlavaProcessor` and a chat template. No vLLM import.
+directly in transformers' format: `LlavaForConditionalGeneration` (or
+`LlavaNextForConditionalGeneration`) with a 64-d CLIP tower and a 64-d Llama (2 heads: head_dim
+32, the smallest vLLM's CPU attention supports), weights named as llava-hf's checkpoints name them
+(`vision_tower.vision_model.*`, `language_model.model.*`, `multi_modal_projector.*`,
+`language_model.lm_head.*`, `image_newline`), its processor and a chat template. No vLLM import.
 """
 from __future__ import annotations
 
@@ -24,11 +24,14 @@ CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}USER: {% el
 
 @torch.no_grad()
 def build_tiny_hf_llava(out_dir: str, seed: int = 0, image_size: int = 224, patch_size: int = 14,
-                        vision_layers: int = 3) -> str:
-    """Write the checkpoint into `out_dir` (created); returns it. N = (image_size/patch_size)^2."""
+                        vision_layers: int = 3, next: bool = False) -> str:
+    """Write the checkpoint into `out_dir` (created); returns it. N = (image_size/patch_size)^2.
+    `next`: a `LlavaNextForConditionalGeneration` (anyres grids of 1x2, 2x1 and 2x2 crops)."""
     from safetensors.torch import save_file
     from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig,
-                              LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor)
+                              LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig,
+                              LlavaNextForConditionalGeneration, LlavaNextImageProcessor,
+                              LlavaNextProcessor, LlavaProcessor)
 
     from ..assets.tiny import _init_
 
@@ -43,20 +46,35 @@ def build_tiny_hf_llava(out_dir: str, seed: int = 0, image_size: int = 224, patc
                        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
                        max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
                        pad_token_id=0, tie_word_embeddings=False)
-    cfg = LlavaConfig(vision_config=vcfg, text_config=tcfg, image_token_index=image_id,
-                      vision_feature_layer=-2, vision_feature_select_strategy="default",
-                      projector_hidden_act="gelu", tie_word_embeddings=False)
-    cfg.architectures = ["LlavaForConditionalGeneration"]
-    model = LlavaForConditionalGeneration(cfg)
+    common = dict(vision_config=vcfg, text_config=tcfg, image_token_index=image_id,
+                  vision_feature_layer=-2, vision_feature_select_strategy="default",
+                  projector_hidden_act="gelu", tie_word_embeddings=False)
+    pinpoints = [[image_size, 2 * image_size], [2 * image_size, image_size],
+                 [2 * image_size, 2 * image_size]]
+    if next:
+        cfg = LlavaNextConfig(image_grid_pinpoints=pinpoints, **common)
+        model_cls, arch = LlavaNextForConditionalGeneration, "LlavaNextForConditionalGeneration"
+    else:
+        cfg = LlavaConfig(**common)
+        model_cls, arch = LlavaForConditionalGeneration, "LlavaForConditionalGeneration"
+    cfg.architectures = [arch]
+    model = model_cls(cfg)
     _init_(model, torch.Generator().manual_seed(seed))
     cfg.save_pretrained(out_dir)
     save_file({_hf_name(k): v.contiguous() for k, v in model.state_dict().items()},
               os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
-                                         crop_size={"height": image_size, "width": image_size})
-    LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch_size,
-                   vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
-                   num_additional_image_tokens=1).save_pretrained(out_dir)
+    sizes = dict(size={"shortest_edge": image_size},
+                 crop_size={"height": image_size, "width": image_size})
+    if next:
+        processor = LlavaNextProcessor(
+            image_processor=LlavaNextImageProcessor(image_grid_pinpoints=pinpoints, **sizes),
+            tokenizer=tok, patch_size=patch_size, vision_feature_select_strategy="default",
+            chat_template=CHAT_TEMPLATE, num_additional_image_tokens=1)
+    else:
+        processor = LlavaProcessor(image_processor=CLIPImageProcessor(**sizes), tokenizer=tok,
+                                   patch_size=patch_size, vision_feature_select_strategy="default",
+                                   chat_template=CHAT_TEMPLATE, num_additional_image_tokens=1)
+    processor.save_pretrained(out_dir)
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
         json.dump({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}, f)
     return out_dir
@@ -89,6 +107,7 @@ def _hf_name(key: str) -> str:
                      ("model.vision_tower.", "vision_tower.vision_model."),
                      ("model.language_model.", "language_model.model."),
                      ("model.multi_modal_projector.", "multi_modal_projector."),
+                     ("model.image_newline", "image_newline"),
                      ("lm_head.", "language_model.lm_head.")):
         if key.startswith(new):
             return old + key[len(new):]

@@ -3,40 +3,18 @@
 Three offline engines, each once for the module in its own process (tests/vllm/engine_run.py):
 the plugin disabled (VLLM_PLUGINS without ours), K = N, and K = 16 < N.
 """
-import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from llava_agile.vllm.tiny import build_tiny_hf_llava
+from vllm_helpers import PROMPT1, PROMPT2, ok, run_engine  # noqa: E402  (tests/vllm is on sys.path)
 
 N, K = 256, 16
-HERE = Path(__file__).resolve().parent
-SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant "
-          "gives helpful, detailed, and polite answers to the user's questions. ")
-PROMPT1 = SYSTEM + "USER: <image>\nWhat is in this image? ASSISTANT:"
-PROMPT2 = SYSTEM + "USER: <image>\n<image>\nDescribe the picture please. ASSISTANT:"
-
-
-def run_engine(tmp: Path, name: str, model: str, agile, rounds, plugins=None, timeout=900,
-               embeds=None):
-    spec, out = tmp / f"{name}.json", tmp / f"{name}.out.json"
-    spec.write_text(json.dumps({"model": model, "agile": agile, "rounds": rounds,
-                                "embeds": embeds}))
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    if plugins is not None:
-        env["VLLM_PLUGINS"] = plugins
-    proc = subprocess.run([sys.executable, str(HERE / "engine_run.py"), str(spec), str(out)],
-                          env=env, cwd=tmp, capture_output=True, text=True, timeout=timeout)
-    if not out.exists():
-        return None, proc
-    return json.loads(out.read_text()), proc
 
 
 @pytest.fixture(scope="module")
@@ -59,28 +37,23 @@ def _rounds(images):
                            {"prompt": PROMPT2, "images": images}]]
 
 
-def _ok(res, proc):
-    assert res is not None, proc.stderr[-6000:]
-    return res
-
-
 @pytest.fixture(scope="module")
 def disabled(tiny):
     root, model, images = tiny
-    return _ok(*run_engine(root, "disabled", model, None, _rounds(images), plugins=""))
+    return ok(*run_engine(root, "disabled", model, None, _rounds(images), plugins=""))
 
 
 @pytest.fixture(scope="module")
 def full_k(tiny):
     root, model, images = tiny
-    return _ok(*run_engine(root, "full", model, {"method": "adaptive", "keep": N},
+    return ok(*run_engine(root, "full", model, {"method": "adaptive", "keep": N},
                            _rounds(images)))
 
 
 @pytest.fixture(scope="module")
 def pruned(tiny):
     root, model, images = tiny
-    return _ok(*run_engine(root, "pruned", model, {"method": "adaptive", "keep": K},
+    return ok(*run_engine(root, "pruned", model, {"method": "adaptive", "keep": K},
                            _rounds(images), embeds=PROMPT1))
 
 
@@ -101,19 +74,6 @@ def test_entry_point_registers_the_model(tmp_path):
                                         "LlavaForConditionalGeneration"], proc.stderr[-3000:]
 
 
-def test_llava_next_refuses_the_override():
-    """LLaVA-NeXT is not pruned by the plugin yet: an `agile` override stops the engine instead
-    of serving the model unpruned."""
-    from types import SimpleNamespace
-
-    from llava_agile.vllm.llava import AgileLlavaNext
-
-    hf_config = SimpleNamespace(agile={"method": "adaptive", "keep": 64})
-    vllm_config = SimpleNamespace(model_config=SimpleNamespace(hf_config=hf_config))
-    with pytest.raises(ValueError, match="llava_agile: the vLLM plugin does not prune LLaVA-NeXT"):
-        AgileLlavaNext(vllm_config=vllm_config)
-
-
 def test_config_is_validated_by_pruneconfig():
     from transformers import LlavaConfig
 
@@ -126,6 +86,8 @@ def test_config_is_validated_by_pruneconfig():
     assert kept_count(agile_config(cfg), 576, "default") == 64
     assert kept_count(agile_config(cfg), 577, "full") == 65
     assert kept_count(agile_config(cfg), 40, "default") == 40
+    cfg.agile = {"method": "none"}  # keeps every token whatever `keep` says
+    assert kept_count(agile_config(cfg), 576, "default") == 576
     for bad, words in (({"method": "nope"}, "unknown pruning method"), ({"keep": 0}, "keep"),
                        ({"adaptive_count": True}, "adaptive_count=True is not possible"),
                        ("adaptive", "must be a dict")):
