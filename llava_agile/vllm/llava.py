@@ -1,9 +1,9 @@
 """`AgileLlava`: vLLM's `LlavaForConditionalGeneration` (LLaVA-1.5) with visual-token pruning.
 
 Without an `agile` entry in the model config it is vLLM's class unchanged. With one:
-- the processing info's `get_num_image_tokens` returns K (`min(keep, N)`, plus the [CLS] token
-  under `vision_feature_select_strategy="full"`), so the prompt gets K placeholders per image and
-  vLLM's profiling, encoder budget and KV cache follow;
+- the processing info's `get_num_image_tokens` returns K (`min(keep, N)`, N for method "none",
+  plus the [CLS] token under `vision_feature_select_strategy="full"`), so the prompt gets K
+  placeholders per image and vLLM's profiling, encoder budget and KV cache follow;
 - `_process_image_input` runs vLLM's CLIP tower (built only up to the select layer, so its last
   block is the select layer) with a hook on that block's attention: its input (after
   `layer_norm1`) goes through the fused `qkv_proj` to give the [CLS] attention row
@@ -12,7 +12,8 @@ Without an `agile` entry in the model config it is vLLM's class unchanged. With 
   in raster order, as every other llava_agile integration does.
 Refused with a ValueError: `adaptive_count=True` (vLLM fixes the placeholder count before the
 tower runs), precomputed `image_embeds` inputs (no [CLS] row to select with), non-CLIP towers and
-several feature layers.
+several feature layers. LLaVA-NeXT (`llava_next.py`) reuses the config check, the tower hook and
+the `image_embeds` refusal.
 """
 from __future__ import annotations
 
@@ -179,25 +180,40 @@ class _SelectLayerRecorder:
             h.remove()
 
 
-@MULTIMODAL_REGISTRY.register_processor(_processor, info=_info,
-                                        dummy_inputs=LlavaDummyInputsBuilder)
-class AgileLlava(LlavaForConditionalGeneration):
-    """vLLM's LLaVA-1.5 model; prunes to K visual tokens per image when configured."""
+class AgileModel:
+    """Mixin of `AgileLlava` and `AgileLlavaNext` (before vLLM's class in the bases): the
+    validated config (`check`), per-image stats of the last encoder call (`agile_stats`, with the
+    kept indices), the count of vision-tower runs (`agile_encoder_calls`: the encoder cache saves
+    some), the `image_embeds` refusal; the subclass's `_agile_tokens` prunes."""
+
+    check = staticmethod(agile_config)
+    embeds_input: type = type(None)
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.agile_config = agile_config(self.config)
-        self.agile_stats: list[dict] = []  # per image of the last encoder call (with indices)
-        self.agile_encoder_calls = 0       # vision-tower runs (the encoder cache saves some)
+        self.agile_config = self.check(self.config)
+        self.agile_stats: list[dict] = []
+        self.agile_encoder_calls = 0
 
     @torch.no_grad()
     def _process_image_input(self, image_input):
-        cfg = self.agile_config
         self.agile_encoder_calls += 1
-        if cfg is None:
+        if self.agile_config is None:
             return super()._process_image_input(image_input)
-        if isinstance(image_input, LlavaImageEmbeddingInputs):
+        if isinstance(image_input, self.embeds_input):
             raise ValueError(EMBEDS_REFUSED)
+        out, self.agile_stats = self._agile_tokens(self.agile_config, image_input)
+        return out
+
+
+@MULTIMODAL_REGISTRY.register_processor(_processor, info=_info,
+                                        dummy_inputs=LlavaDummyInputsBuilder)
+class AgileLlava(AgileModel, LlavaForConditionalGeneration):
+    """vLLM's LLaVA-1.5 model; prunes to K visual tokens per image when configured."""
+
+    embeds_input = LlavaImageEmbeddingInputs
+
+    def _agile_tokens(self, cfg, image_input):
         with _SelectLayerRecorder(self.vision_tower, needs_keys(cfg.method)) as rec:
             feats = self._image_pixels_to_features(self.vision_tower, image_input["pixel_values"])
         full = self.config.vision_feature_select_strategy == "full"
@@ -221,5 +237,4 @@ class AgileLlava(LlavaForConditionalGeneration):
             if f.shape[0] != want:
                 raise RuntimeError(f"llava_agile: {cfg.method} returned {f.shape[0]} tokens, the "
                                    f"prompt holds {want} placeholders")
-        self.agile_stats = stats
-        return torch.stack(out)
+        return torch.stack(out), stats

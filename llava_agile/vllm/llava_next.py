@@ -25,7 +25,7 @@ from ..config import PruneConfig
 from ..llava.anyres import Layout, assemble
 from ..methods import MERGING
 from ..selection import crop_mask, crop_stats, needs_keys
-from .llava import EMBEDS_REFUSED, KEY, RefuseEmbeds, _SelectLayerRecorder, agile_config, kept
+from .llava import KEY, AgileModel, RefuseEmbeds, _SelectLayerRecorder, agile_config, kept
 
 
 def next_config(hf_config) -> PruneConfig | None:
@@ -51,7 +51,7 @@ def next_config(hf_config) -> PruneConfig | None:
     return cfg
 
 
-def next_layout(hf_config, image_size) -> tuple[Layout, int]:
+def next_layout(hf_config, image_size, device=None) -> tuple[Layout, int]:
     """(where each unpadded high-res cell comes from, number of high-res crops) for an image of
     `image_size` (height, width): vLLM's `_merge_image_patch_embeddings` steps (grid shape, view,
     permute, `unpad_image`) applied to cell ids."""
@@ -60,7 +60,7 @@ def next_layout(hf_config, image_size) -> tuple[Layout, int]:
     height, width = (int(v) for v in image_size)
     nph, npw = get_anyres_image_grid_shape((height, width), hf_config.image_grid_pinpoints,
                                            vision.image_size)
-    ids = torch.arange(nph * npw * side * side).view(nph, npw, side, side, 1)
+    ids = torch.arange(nph * npw * side * side, device=device).view(nph, npw, side, side, 1)
     grid = unpad_image(ids.permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3), (height, width))[0]
     return Layout(crop=grid // (side * side), patch=grid % (side * side), newline=True), nph * npw
 
@@ -69,13 +69,12 @@ def image_tokens(cfg: PruneConfig, hf_config, image_size, proj, clip, rows, newl
     """One image's LLM tokens and stats. `proj` `[n, N, D]`: its projected crops, base first
     (vLLM may pad the high-res crops of a batch; the padding is dropped as vLLM drops it), `clip`
     `[n, N, Dv]` the projector's inputs, `rows` `[n, N]` the [CLS] attention rows."""
-    layout, crops = next_layout(hf_config, image_size)
+    layout, crops = next_layout(hf_config, image_size, rows.device)
     n = 1 + crops
     if proj.shape[0] < n:
         raise RuntimeError(f"llava_agile: image {tuple(image_size)} needs {n} crops, got "
                            f"{proj.shape[0]}")
     proj, clip, rows = proj[:n], clip[:n], rows[:n]
-    layout = Layout(layout.crop.to(rows.device), layout.patch.to(rows.device), True)
     space = clip if cfg.feature_space == "vision" else proj
     mask, st, ms, extra = crop_mask(cfg, space, rows, clip, layout.candidates(rows.shape[1]))
     tokens, fed = assemble(proj[0], mask[0], proj[1:], mask[1:], layout, newline)
@@ -108,24 +107,14 @@ class AgileLlavaNextMultiModalProcessor(RefuseEmbeds, LlavaNextMultiModalProcess
 @MULTIMODAL_REGISTRY.register_processor(AgileLlavaNextMultiModalProcessor,
                                         info=AgileLlavaNextProcessingInfo,
                                         dummy_inputs=LlavaDummyInputsBuilder)
-class AgileLlavaNext(LlavaNextForConditionalGeneration):
+class AgileLlavaNext(AgileModel, LlavaNextForConditionalGeneration):
     """vLLM's LLaVA-NeXT model; prunes each image to `min(K, cells) + rows` tokens when
     configured (anyres_mode "global")."""
 
-    def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.agile_config = next_config(self.config)
-        self.agile_stats: list[dict] = []  # per image of the last encoder call (with indices)
-        self.agile_encoder_calls = 0       # vision-tower runs (the encoder cache saves some)
+    check = staticmethod(next_config)
+    embeds_input = LlavaNextImageEmbeddingInputs
 
-    @torch.no_grad()
-    def _process_image_input(self, image_input):
-        cfg = self.agile_config
-        self.agile_encoder_calls += 1
-        if cfg is None:
-            return super()._process_image_input(image_input)
-        if isinstance(image_input, LlavaNextImageEmbeddingInputs):
-            raise ValueError(EMBEDS_REFUSED)
+    def _agile_tokens(self, cfg, image_input):
         inputs = []  # the projector's input: the select layer's patch features of every crop
         handle = self.multi_modal_projector.register_forward_hook(
             lambda m, a, o: inputs.append(a[0]))
@@ -150,5 +139,4 @@ class AgileLlavaNext(LlavaNextForConditionalGeneration):
             start += n
             out.append(tokens)
             stats.append(st)
-        self.agile_stats = stats
-        return out
+        return out, stats

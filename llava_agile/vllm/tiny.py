@@ -1,4 +1,4 @@
-"""A tiny random llava-hf checkpoint (LLaVA-1.5 or LLaVA-NeXT) that vLLM loads offline: tests, bench.
+"""A tiny random llava-hf checkpoint (LLaVA-1.5 or LLaVA-NeXT) that vLLM loads offline.
 
 Same recipe as `llava_agile.assets.tiny` (its tokenizer trainer and deterministic init), written
 directly in transformers' format: `LlavaForConditionalGeneration` (or

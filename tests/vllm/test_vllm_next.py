@@ -99,7 +99,8 @@ def test_placeholder_count_matches_the_model_for_every_size(tiny):
         info, cfg = _info(model_dir, dict(GLOBAL, keep=keep))
         pc = next_config(cfg)
         for h, w in sizes:
-            proj, clip = torch.randn(5, 64, 64, generator=gen), torch.randn(5, 64, 64, generator=gen)
+            proj = torch.randn(5, 64, 64, generator=gen)
+            clip = torch.randn(5, 64, 64, generator=gen)
             rows = torch.rand(5, 64, generator=gen).softmax(-1)
             newline = torch.randn(64, generator=gen)
             tokens, st = image_tokens(pc, cfg, torch.tensor([h, w]), proj, clip, rows, newline)
