@@ -13,7 +13,8 @@ import torch
 
 from llava_agile.vllm.tiny import build_tiny_hf_llava
 
-from vllm_helpers import PROMPT1, PROMPT2, ok, run_engine  # noqa: E402  (tests/vllm is on sys.path)
+# tests/vllm is on sys.path
+from vllm_helpers import PROMPT1, PROMPT2, check_second_round_cached, ok, run_engine  # noqa: E402
 
 K, ALL = 24, 100_000
 GLOBAL = {"method": "adaptive", "anyres_mode": "global"}
@@ -72,14 +73,12 @@ def _info(model_dir, agile):
     return AgileLlavaNextProcessingInfo(SimpleNamespace(get_hf_config=lambda *a, **k: cfg)), cfg
 
 
-def _cells(model_dir, h, w):
+def _cells(cfg, h, w):
     """Base-crop patches + the high-res cells that survive unpadding: what `global` selects
     among (the newline rows come on top)."""
-    from transformers import AutoConfig
-
     from llava_agile.vllm.llava_next import next_layout
 
-    layout, _ = next_layout(AutoConfig.from_pretrained(model_dir), (h, w))
+    layout, _ = next_layout(cfg, (h, w))
     return 64 + layout.crop.numel()
 
 
@@ -105,7 +104,7 @@ def test_placeholder_count_matches_the_model_for_every_size(tiny):
             newline = torch.randn(64, generator=gen)
             tokens, st = image_tokens(pc, cfg, torch.tensor([h, w]), proj, clip, rows, newline)
             assert tokens.shape[0] == info.get_num_image_tokens(image_width=w, image_height=h)
-            assert st["kept"] == min(keep, _cells(model_dir, h, w))
+            assert st["kept"] == min(keep, _cells(cfg, h, w))
             if keep == ALL:
                 stock = LlavaNextForConditionalGeneration._merge_image_patch_embeddings(
                     SimpleNamespace(config=cfg, image_newline=newline), torch.tensor([h, w]),
@@ -143,7 +142,8 @@ def test_nothing_pruned_gives_the_stock_tokens(disabled, everything):
 
 def test_prompt_holds_k_plus_newlines_per_image(tiny, disabled, pruned):
     _, model_dir, _ = tiny
-    cut = [sum(_cells(model_dir, *SIZES[i]) - K for i in ids)
+    _, cfg = _info(model_dir, None)
+    cut = [sum(_cells(cfg, *SIZES[i]) - K for i in ids)
            for ids in ([0], [0], [2], [1, 2])]
     full = [len(r["prompt_token_ids"]) for rd in disabled["rounds"] for r in rd["requests"]]
     lens = [len(r["prompt_token_ids"]) for rd in pruned["rounds"] for r in rd["requests"]]
@@ -182,10 +182,7 @@ def test_kept_indices_and_tokens_equal_the_hf_adapter(tiny, pruned):
 
 
 def test_repeated_request_hits_prefix_and_encoder_caches(pruned):
-    first, second = pruned["rounds"][0], pruned["rounds"][1]
-    assert second["requests"][0]["num_cached_tokens"] > 0
-    assert second["model"]["encoder_calls"] == first["model"]["encoder_calls"]
-    assert second["requests"][0]["token_ids"] == first["requests"][0]["token_ids"]
+    check_second_round_cached(pruned)
 
 
 def test_image_embeds_refused(pruned):

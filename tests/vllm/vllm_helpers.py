@@ -31,3 +31,12 @@ def run_engine(tmp: Path, name: str, model: str, agile, rounds, plugins=None, ti
 def ok(res, proc):
     assert res is not None, proc.stderr[-6000:]
     return res
+
+
+def check_second_round_cached(res):
+    """The second round repeats the first request: prefix cache hit, no new tower run, the
+    same tokens."""
+    first, second = res["rounds"][0], res["rounds"][1]
+    assert second["requests"][0]["num_cached_tokens"] > 0
+    assert second["model"]["encoder_calls"] == first["model"]["encoder_calls"]
+    assert second["requests"][0]["token_ids"] == first["requests"][0]["token_ids"]
