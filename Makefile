@@ -28,8 +28,11 @@ EDITABLE = LLAVA_AGILE_EXT_CACHE=$(CURDIR)/build/ext-cache flock build/.editable
 # `$(call PIP,python,args)`: pip install with up to three tries, 20 s apart. A PyPI download that
 # timed out mid-file once failed a CI run (pip 24.2 neither resumes nor retries a broken download);
 # a retry keeps what the failed try installed. PIP_DEFAULT_TIMEOUT: pip's 15 s unless set.
+# --no-compile: pip would byte-compile all ~60,000 .py files of the venvs (~4 min of CPU); Python
+# compiles the modules a run imports instead, and keeps them, as make lets it write bytecode.
 export PIP_DEFAULT_TIMEOUT ?= 60
-PIP = for try in 1 2 3; do $(1) -m pip install -q $(2) && break; test $$try -lt 3 || exit 1; \
+unexport PYTHONDONTWRITEBYTECODE
+PIP = for try in 1 2 3; do $(1) -m pip install -q --no-compile $(2) && break; test $$try -lt 3 || exit 1; \
 	echo "pip install: try $$try of 3 failed, retrying in 20 s"; sleep 20; done
 
 .PHONY: setup test main-test demo clean cuda-build-check hf-setup hf-test vllm-setup vllm-test
@@ -54,11 +57,10 @@ $(STAMP): requirements.txt requirements-lmms.txt pyproject.toml setup.py $(wildc
 
 cuda-build-check: $(CUDA_STAMP)
 
-# (a build-only venv: its Python files are imported once, so pip does not byte-compile them)
 $(CUDA_STAMP): setup.py $(wildcard cpp/*)
 	test -x $(CUDA_TOOLKIT)/bin/nvcc || { echo "cuda-build-check: no nvcc in CUDA_TOOLKIT=$(CUDA_TOOLKIT)"; exit 1; }
 	test -x $(CUDA_VENV)/bin/python || $(PY) -m venv $(CUDA_VENV)
-	$(call PIP,$(CUDA_VENV)/bin/python,--no-compile "pip==24.2" "setuptools==80.9.0" "wheel==0.44.0" \
+	$(call PIP,$(CUDA_VENV)/bin/python,"pip==24.2" "setuptools==80.9.0" "wheel==0.44.0" \
 		"$(CUDA_TORCH)" "ninja==1.11.1.1" "numpy==1.26.4")
 	SITE=$$($(CUDA_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") && \
 	CUDA_HOME=$(CUDA_TOOLKIT) CPATH=$$SITE/nvidia/cu13/include LLAVA_AGILE_CUDA=1 \
