@@ -58,8 +58,17 @@ def run(cmd, env, cwd):
     return p.returncode, out
 
 
+# a download from the package index that broke off (not this project's fault): the command is
+# run again, at most twice (pip 24.2 and older neither resume nor retry a broken download)
+NETWORK = ("ReadTimeoutError", "Read timed out", "IncompleteRead", "Connection reset by peer")
+
+
 def ok(cmd, env, cwd):
-    rc, out = run(cmd, env, cwd)
+    for attempt in range(3):
+        rc, out = run(cmd, env, cwd)
+        if rc == 0 or not any(s in out for s in NETWORK):
+            break
+        print(f"network error (try {attempt + 1} of 3):", out.strip().splitlines()[-1])
     assert rc == 0, f"{cmd} failed ({rc}):\n{out[-6000:]}"
     return out
 
