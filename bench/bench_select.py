@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import llava_agile  # noqa: E402
 from llava_agile import backend, select_tokens  # noqa: E402
-from llava_agile.metrics import attention_entropy, erank  # noqa: E402
+from llava_agile.api import attention_entropy, erank  # noqa: E402
 
 N = 576
 TAU = 0.1  # constant threshold for the "adaptive_tau" rows

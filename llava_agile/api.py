@@ -1,4 +1,5 @@
-"""Public entry points: `select_tokens`, `prune` (input checks, batching, stats)."""
+"""Public entry points: `select_tokens`, `prune` (input checks, batching, stats) and the
+complexity signals `erank`, `attention_entropy` (checked inputs, extension when built)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,6 +9,7 @@ import torch
 from . import backend
 from .config import check_keep, check_method, check_params
 from .methods import MERGING
+from .metrics import entropy_of, erank_from_singular_values, singular_values
 
 PER_TOKEN = ("similarity_features", "keys")  # tensor parameters with one row per token
 
@@ -50,6 +52,26 @@ def check_attention(cls_attn) -> torch.Tensor:
         raise ValueError("cls_attn must be non-negative (softmax attention weights); "
                          "got negative values")
     return attn
+
+
+def erank(features: torch.Tensor, center: bool = True) -> torch.Tensor:
+    """Effective rank (Roy & Vetterli) of `[N, D]` -> `[]` or `[B, N, D]` -> `[B]`."""
+    feats = check_features(features)
+    if backend.use_ext("erank", feats.device):
+        out = backend.erank(feats, center)
+        return out[0] if features.dim() == 2 else out
+    out = torch.stack([erank_from_singular_values(singular_values(f, center)) for f in feats])
+    return out[0] if features.dim() == 2 else out
+
+
+def attention_entropy(cls_attn: torch.Tensor) -> torch.Tensor:
+    """Entropy of `[N]` -> `[]` or `[B, N]` -> `[B]` [CLS]-attention rows (SPEC §2)."""
+    attn = check_attention(cls_attn)
+    if backend.use_ext("entropy", attn.device):
+        out = backend.attention_entropy(attn)
+        return out[0] if cls_attn.dim() == 1 else out
+    out = torch.stack([entropy_of(a) for a in attn])
+    return out[0] if cls_attn.dim() == 1 else out
 
 
 def _check_inputs(features, cls_attn, keep, method, params):
@@ -138,8 +160,6 @@ def prune(features: torch.Tensor, cls_attn: torch.Tensor, keep: int, method: str
     with `stats=False` each image's stats hold `kept` and what the method computed anyway
     (adaptive's erank and thresholds, a hybrid's ratio and, for a non-fixed ratio rule, erank).
     """
-    from .metrics import entropy_of, erank_from_singular_values, singular_values
-
     feats, attn, keep, params = _check_inputs(features, cls_attn, keep, method, params)
     center = params.get("center", True)
     results = _run(feats, attn, keep, method, dict(params))

@@ -1,6 +1,8 @@
 """Image-complexity signals (SPEC §2): effective rank and [CLS]-attention entropy.
 
-Reference implementations: plain PyTorch, one image at a time or batched.
+Reference implementations in plain PyTorch, one image at a time, with no input checks and no
+imports from the package: the methods use them; the public, checked `erank` /
+`attention_entropy` (batched, extension when built) are in `llava_agile.api`.
 Computation happens in float32, or float64 when the input is float64.
 """
 from __future__ import annotations
@@ -39,19 +41,6 @@ def erank_from_singular_values(s: torch.Tensor) -> torch.Tensor:
     return torch.exp(-torch.special.xlogy(q, q).sum())
 
 
-def erank(features: torch.Tensor, center: bool = True) -> torch.Tensor:
-    """Effective rank (Roy & Vetterli) of `[N, D]` -> `[]` or `[B, N, D]` -> `[B]`."""
-    from . import backend
-    from .api import check_features  # late import: api imports this module
-
-    feats = check_features(features)
-    if backend.use_ext("erank", feats.device):
-        out = backend.erank(feats, center)
-        return out[0] if features.dim() == 2 else out
-    out = torch.stack([erank_from_singular_values(singular_values(f, center)) for f in feats])
-    return out[0] if features.dim() == 2 else out
-
-
 def entropy_of(a: torch.Tensor) -> torch.Tensor:
     """Entropy (nats) of one non-negative attention row, renormalised over its entries."""
     a = a.to(compute_dtype(a))
@@ -61,16 +50,3 @@ def entropy_of(a: torch.Tensor) -> torch.Tensor:
         return torch.log(torch.tensor(float(a.numel()), dtype=a.dtype, device=a.device))
     p = a / total
     return -torch.special.xlogy(p, p).sum()
-
-
-def attention_entropy(cls_attn: torch.Tensor) -> torch.Tensor:
-    """Entropy of `[N]` -> `[]` or `[B, N]` -> `[B]` [CLS]-attention rows (SPEC §2)."""
-    from . import backend
-    from .api import check_attention
-
-    attn = check_attention(cls_attn)
-    if backend.use_ext("entropy", attn.device):
-        out = backend.attention_entropy(attn)
-        return out[0] if cls_attn.dim() == 1 else out
-    out = torch.stack([entropy_of(a) for a in attn])
-    return out[0] if cls_attn.dim() == 1 else out

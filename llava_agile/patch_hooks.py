@@ -25,9 +25,9 @@ def cpu_fallback(device, device_map):
 
     Returns `(device, device_map, on_cpu)`; `on_cpu` is True only when the fallback was taken.
     The patched builder calls this before loading, so it also installs the DINOv2 conversions'
-    identity `pre_layrnorm` hook (`assets.dinov2.install_identity_pre_layrnorm_hook`).
+    identity `pre_layrnorm` hook (`llava_agile.llava.loader`).
     """
-    from .assets.dinov2 import install_identity_pre_layrnorm_hook
+    from .llava.loader import install_identity_pre_layrnorm_hook
 
     install_identity_pre_layrnorm_hook()
     if str(device).startswith("cuda") and not torch.cuda.is_available():

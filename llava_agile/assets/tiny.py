@@ -146,7 +146,7 @@ def build_tiny_llava(out_dir: str, next: bool = False, seed: int = 0, image_size
 def load_tiny(path: str):
     """(tokenizer, model, image_processor, context_len) through LLaVA's builder (via
     `llava_agile.load_pretrained_model`), float32 on CPU."""
-    from ..llava.runtime import load_pretrained_model
+    from ..llava.loader import load_pretrained_model
 
     name = os.path.basename(os.path.normpath(path))
     tokenizer, model, image_processor, ctx = load_pretrained_model(

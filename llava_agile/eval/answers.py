@@ -6,6 +6,8 @@ A run killed mid-write can leave a truncated last line; readers skip it (with a 
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import sys
@@ -146,13 +148,23 @@ def pending_questions(questions: list[dict], paths: str | Path | Iterable[str | 
     return [q for i, q in enumerate(questions) if i not in done]
 
 
+def read_tsv(path: str | Path) -> list[dict]:
+    """Rows of an MMBench TSV as dicts of strings (the base64 image column included)."""
+    path = Path(path)
+    csv.field_size_limit(sys.maxsize)
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    if not rows or "index" not in rows[0] or "A" not in rows[0]:
+        raise ValueError(f"{path}: not an MMBench TSV (needs index, question, A, B, ... columns)")
+    return rows
+
+
 def load_questions(path: str | Path) -> list[dict]:
     """LLaVA question file: JSONL (most sets), a JSON list (ScienceQA) or an MMBench TSV."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"question file not found: {path}")
     if path.suffix == ".tsv":
-        from .mmbench import read_tsv
         return read_tsv(path)
     if path.suffix == ".json":
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -199,8 +211,6 @@ def dump_questions(path: str | Path, records: list[dict]) -> str:
     if suffix == ".json":
         return json.dumps(records, ensure_ascii=False, indent=1)
     if suffix == ".tsv":
-        import csv
-        import io
         if not records:
             return ""
         buf = io.StringIO()

@@ -8,12 +8,9 @@ parsed without a language model (bare letter, 'X.'/'X)'/'X:', 'The answer is X',
 text itself), anything else is wrong."""
 from __future__ import annotations
 
-import csv
 import re
-import sys
-from pathlib import Path
 
-from .answers import question_id
+from .answers import question_id, read_tsv
 from .benchmarks import require
 from .common import check_answers, pct
 
@@ -29,17 +26,6 @@ _ANSWER_IS = re.compile(r"answer is:?\s*\(?([A-D])\b", re.IGNORECASE)
 
 def is_none(v) -> bool:
     return v is None or (isinstance(v, str) and (v in NA_STRINGS or v.lower() in ("nan", "none")))
-
-
-def read_tsv(path: str | Path) -> list[dict]:
-    """Rows of an MMBench TSV as dicts of strings (the base64 image column included)."""
-    path = Path(path)
-    csv.field_size_limit(sys.maxsize)
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    if not rows or "index" not in rows[0] or "A" not in rows[0]:
-        raise ValueError(f"{path}: not an MMBench TSV (needs index, question, A, B, ... columns)")
-    return rows
 
 
 def options(row: dict) -> list[str]:

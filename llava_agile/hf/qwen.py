@@ -34,6 +34,7 @@ import torch
 
 from ..llava.runtime import as_config
 from ..methods import MERGING
+from ..metrics import compute_dtype
 from ..selection import select
 from .processor import check_identity, refuse_mismatch
 
@@ -71,15 +72,16 @@ def check_transformers(version: str | None = None) -> None:
 
 def received_mean(attn, hidden, cu_seqlens, position_embeddings, chunk: int = 512):
     """Mean softmax attention each token receives, over heads and over the queries of its own
-    `cu_seqlens` segment, from the block's own q / k with its rotary embedding: `[seq]` (float32,
-    the ViT's window order)."""
+    `cu_seqlens` segment, from the block's own q / k with its rotary embedding: `[seq]` (the
+    ViT's window order; float32, or float64 for a float64 tower)."""
     mod = sys.modules[type(attn).__module__]  # transformers' own rotary helper for this class
     n = hidden.shape[0]
     q, k, _ = attn.qkv(hidden).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     cos, sin = position_embeddings
     q, k = mod.apply_rotary_pos_emb_vision(q, k, cos, sin)
-    q, k = q.transpose(0, 1).float(), k.transpose(0, 1).float()  # [heads, seq, d]
-    out = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+    dtype = compute_dtype(hidden)
+    q, k = q.transpose(0, 1).to(dtype), k.transpose(0, 1).to(dtype)  # [heads, seq, d]
+    out = torch.zeros(n, dtype=dtype, device=hidden.device)
     bounds = cu_seqlens.tolist()
     for s, e in zip(bounds[:-1], bounds[1:]):
         ks = k[:, s:e].transpose(1, 2)
@@ -461,7 +463,7 @@ def calibrate(model, processor, images, prompt: str, out_file=None, center: bool
     from pathlib import Path
 
     from ..analysis.summary import spread
-    from ..metrics import attention_entropy, erank
+    from ..api import attention_entropy, erank
 
     state = model.__dict__.get("_agile_state")
     if not isinstance(state, State):

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ..metrics import compute_dtype
+
 
 def select_layer_index(select_layer: int, num_layers: int) -> int:
     """Index into `encoder.layers` of the block whose output is `hidden_states[select_layer]`."""
@@ -39,14 +41,16 @@ def attention_module(tower) -> torch.nn.Module:
 
 @torch.no_grad()
 def cls_attention_row(attn: torch.nn.Module, hidden: torch.Tensor, with_keys: bool = False):
-    """`[B, T, C]` input of a CLIP attention module -> `[B, T-1]` CLS row (float32, head mean);
-    with `with_keys`, also the patch keys `[B, T-1, head_dim]` (float32, head mean)."""
+    """`[B, T, C]` input of a CLIP attention module -> `[B, T-1]` CLS row (head mean); with
+    `with_keys`, also the patch keys `[B, T-1, head_dim]` (head mean). Computed in float32, or
+    float64 for a float64 tower (as the methods compute)."""
     b, t, _ = hidden.shape
     heads = attn.num_heads
     head_dim = attn.head_dim
     scale = getattr(attn, "scale", head_dim ** -0.5)
-    q = (attn.q_proj(hidden[:, :1]).float() * scale).view(b, 1, heads, head_dim).transpose(1, 2)
-    k = attn.k_proj(hidden).float().view(b, t, heads, head_dim).transpose(1, 2)
+    dtype = compute_dtype(hidden)
+    q = (attn.q_proj(hidden[:, :1]).to(dtype) * scale).view(b, 1, heads, head_dim).transpose(1, 2)
+    k = attn.k_proj(hidden).to(dtype).view(b, t, heads, head_dim).transpose(1, 2)
     row = torch.softmax(q @ k.transpose(-1, -2), dim=-1)  # [B, H, 1, T]
     if with_keys:
         return row.mean(dim=1)[:, 0, 1:], k.mean(dim=1)[:, 1:]

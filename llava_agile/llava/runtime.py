@@ -277,27 +277,3 @@ def disable(model):
     for name in ("agile_config", "agile_stats"):
         model.__dict__.pop(name, None)
     return model
-
-
-def load_pretrained_model(model_path, model_base=None, model_name=None, *args, pruning=None,
-                          **kwargs):
-    """LLaVA's `load_pretrained_model` (same arguments and return value), then `enable` when
-    `pruning` (a PruneConfig or a dict) is given. DINOv2 conversions load with their identity
-    `pre_layrnorm` (`assets.dinov2.install_identity_pre_layrnorm_hook`)."""
-    if not isinstance(pruning, (PruneConfig, dict, type(None))):
-        raise ValueError(f"pruning must be a PruneConfig, a dict or None, got "
-                         f"{type(pruning).__name__} {pruning!r}")
-    cfg = None if pruning is None else as_config(pruning)
-    from llava.mm_utils import get_model_name_from_path
-    from llava.model.builder import load_pretrained_model as llava_load
-
-    from ..assets.dinov2 import install_identity_pre_layrnorm_hook
-
-    install_identity_pre_layrnorm_hook()
-    if model_name is None:
-        model_name = get_model_name_from_path(model_path)
-    tokenizer, model, image_processor, context_len = llava_load(model_path, model_base,
-                                                                model_name, *args, **kwargs)
-    if cfg is not None:
-        enable(model, cfg)
-    return tokenizer, model, image_processor, context_len

@@ -33,7 +33,7 @@ from lmms_eval.api.instance import GenerationResult
 from lmms_eval.api.model import lmms
 from lmms_eval.models.simple.llava import Llava
 
-from ..llava.runtime import load_pretrained_model
+from ..llava.loader import load_pretrained_model
 from .common import AgileLmms, generated_tokens
 
 
