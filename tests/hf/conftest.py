@@ -49,44 +49,104 @@ def reference(tmp_path_factory):
     return torch.load(out / "reference.pt", weights_only=False)
 
 
-def load_hf(reference, family, tmp_path_factory):
-    from transformers import AutoProcessor
+# float64: where the equivalence tests compare token choices (round-off cannot decide them);
+# float32: the adapters' real dtype, checked for what it guarantees (see orig_reference.py).
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+# round-off through the tower scales with the features' size (|x| up to ~6 here), not with each
+# element's: float32 embeddings of two codebases differ by up to ~1e-5 where a value is near 0
+TOL = {"float64": dict(rtol=1e-9, atol=1e-10), "float32": dict(rtol=1e-4, atol=1e-4)}
+# stats that the selection does not decide (measured before it, or fixed by the layout)
+CHOICE_FREE = ("erank", "entropy", "complexity", "tau_range", "ratio", "contextual", "mode",
+               "crops", "newlines")
 
-    from llava_agile.hf.convert import convert_original
+
+def close(got, want, dtype):
+    """Numbers within TOL[dtype] (ints and strings equal), through lists, tuples and dicts."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), (got, want)
+        for k in want:
+            close(got[k], want[k], dtype)
+    elif isinstance(want, (list, tuple)):
+        assert isinstance(got, (list, tuple)) and len(got) == len(want), (got, want)
+        for g, w in zip(got, want):
+            close(g, w, dtype)
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, rel=TOL[dtype]["rtol"], abs=TOL[dtype]["atol"])
+    else:
+        assert got == want
+
+
+def check_stats(st, st0, dtype, choices_agree):
+    """`agile_stats` of one image against the reference: the same keys; every value where the
+    choices agree (prune_ms aside), else the CHOICE_FREE ones."""
+    assert st.keys() == st0.keys(), (sorted(st), sorted(st0))
+    for k in st0:
+        if k != "prune_ms" and (choices_agree or k in CHOICE_FREE):
+            close(st[k], st0[k], dtype)
+
+
+def load_hf(path, family, dtype):
+    """The converted checkpoint in `dtype` with the original's float16-rounded weights (LLaVA's
+    builder loads float16), its vision tower on SDPA (the adapters' setting; transformers 5.x's
+    eager CLIP attention computes its softmax in float32 even for float64 input)."""
+    import transformers
+    from transformers import AutoProcessor
 
     cls_name = {"llava": "LlavaForConditionalGeneration",
                 "llava_next": "LlavaNextForConditionalGeneration"}[family]
-    import transformers
-    cls = getattr(transformers, cls_name)
-    dst = convert_original(reference[family]["path"], str(tmp_path_factory.mktemp(family) / "hf"))
-    model, info = cls.from_pretrained(dst, dtype=torch.float32, output_loading_info=True)
-    with torch.no_grad():  # LLaVA's builder loads in float16, load_tiny casts back to float32:
-        for p in model.parameters():  # the original ran with float16-rounded weights
-            p.copy_(p.half().float())
-    set_tower_attention(model, "eager")
-    processor = AutoProcessor.from_pretrained(dst)
-    return model.eval(), processor, info, dst
-
-
-def set_tower_attention(model, impl):
-    """The original codebase's tower (transformers 4.37) runs eager attention; the equivalence
-    tests give the HF tower the same kernel, because on images with flat regions VisPruner's
-    similarity ties are decided by round-off (SDPA vs eager differ there in HF itself).
-    test_sdpa_tower_gives_the_same_selection checks the SDPA tower (the adapter's point)."""
+    model, info = getattr(transformers, cls_name).from_pretrained(
+        path, dtype=DTYPES[dtype], output_loading_info=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().to(p.dtype))
     tower = model.model.vision_tower
     if hasattr(tower, "set_attn_implementation"):
-        tower.set_attn_implementation(impl)
+        tower.set_attn_implementation("sdpa")
     else:
-        tower.config._attn_implementation = impl
-    assert tower.config._attn_implementation == impl
+        tower.config._attn_implementation = "sdpa"
+    assert tower.config._attn_implementation == "sdpa"
+    return model.eval(), AutoProcessor.from_pretrained(path), info
 
 
 @pytest.fixture(scope="session")
-def hf_llava(reference, tmp_path_factory):
-    return load_hf(reference, "llava", tmp_path_factory)
+def converted(reference, tmp_path_factory):
+    """family -> the original tiny checkpoint converted to the llava-hf layout (once)."""
+    from llava_agile.hf.convert import convert_original
+
+    return {f: convert_original(reference[f]["path"], str(tmp_path_factory.mktemp(f) / "hf"))
+            for f in ("llava", "llava_next")}
 
 
 @pytest.fixture(scope="session")
-def hf_next(reference, tmp_path_factory):
-    return load_hf(reference, "llava_next", tmp_path_factory)
+def hf(converted):
+    """`hf(family, dtype="float64")` -> (model, processor, loading info), each loaded once."""
+    cache = {}
 
+    def get(family, dtype="float64"):
+        if (family, dtype) not in cache:
+            cache[family, dtype] = load_hf(converted[family], family, dtype)
+        return cache[family, dtype]
+    return get
+
+
+@pytest.fixture(scope="session")
+def hf_llava(hf):
+    return hf("llava")
+
+
+@pytest.fixture(scope="session")
+def hf_next(hf):
+    return hf("llava_next")
+
+
+def same_greedy(got, want, margins, tol=1e-3):
+    """Greedy tokens equal the reference's up to the first step whose reference logits margin
+    (top 1 - top 2) is within what the two paths' round-off could flip (their LLMs differ in
+    kernels, and transformers 4.37's LLaMA computes its softmax in float32 even in float64;
+    logits differ by ~1e-6); later steps follow from that choice. Returns the steps compared."""
+    got, want = list(got), list(want)
+    for step, margin in enumerate(margins):
+        if margin < tol:
+            return step
+        assert got[step] == want[step], (step, got, want, margins)
+    return len(margins)
