@@ -175,21 +175,42 @@ def none(x, a, k):
 
 
 def greedy_max_min(d: np.ndarray, selected: list[int], k: int):
-    """Max-min selection; empty start -> the token whose nearest neighbour is farthest."""
+    """Max-min selection; empty start -> the token whose nearest neighbour is farthest.
+
+    Returns (selected, margin, alternatives). A mutual nearest pair farthest from the rest ties
+    exactly here (d is symmetric), but not in an implementation: its d(i, j) and d(j, i) come
+    from two dot products (x @ x.T is not exactly symmetric on every CPU), so round-off, not the
+    lower-index rule, picks the pair's first token there. `alternatives` then holds the sorted
+    result of every such start (the rule's own first), else it is empty; the margin covers the
+    decisions after each of them.
+    """
     n = d.shape[0]
     selected = list(selected)
     margin = INF
+    starts = [selected]
     if not selected:
         if n == 1:
-            return [0], margin
+            return [0], margin, []
         nn = {i: min(d[i, j] for j in range(n) if j != i) for i in range(n)}
         first = min(nn, key=lambda i: (-nn[i], i))
-        # a mutual nearest pair ties exactly (d is symmetric): the tie rule decides it, so
-        # only the other tokens count towards the margin
-        gaps = [abs(nn[first] - nn[j]) for j in nn
-                if j != first and not (nn[j] == nn[first] == d[j, first])]
+        tied = [j for j in nn if j != first and nn[j] == nn[first] == d[j, first]]
+        gaps = [abs(nn[first] - nn[j]) for j in nn if j != first and j not in tied]
         margin = min(margin, min(gaps, default=INF))
-        selected = [first]
+        starts = [[first]] + [[j] for j in tied]
+    results = []
+    for start in starts:
+        sel, m = _max_min_from(d, start, k)
+        margin = min(margin, m)
+        results.append(sel)
+    alternatives = [sorted(sel) for sel in results] if len(results) > 1 else []
+    return results[0], margin, alternatives
+
+
+def _max_min_from(d: np.ndarray, selected: list[int], k: int):
+    """Extend a non-empty `selected` to k tokens by max-min; returns (selected, margin)."""
+    n = d.shape[0]
+    selected = list(selected)
+    margin = INF
     min_dist = {j: min(d[s, j] for s in selected) for j in range(n) if j not in selected}
     while len(selected) < k:
         best, gap = _pick_max(min_dist)
@@ -203,14 +224,14 @@ def greedy_max_min(d: np.ndarray, selected: list[int], k: int):
 
 def diversity(x, a, k):
     k = min(k, len(a))
-    sel, margin = greedy_max_min(cosine_distance_matrix(x), [], k)
-    return sorted(sel), dict(margin=margin)
+    sel, margin, alternatives = greedy_max_min(cosine_distance_matrix(x), [], k)
+    return sorted(sel), dict(margin=margin, alternatives=alternatives)
 
 
 def fps(x, a, k):
     k = min(k, len(a))
     order = attention_order(a)
-    sel, margin = greedy_max_min(cosine_distance_matrix(x), [order[0]], k)
+    sel, margin, _ = greedy_max_min(cosine_distance_matrix(x), [order[0]], k)
     return sorted(sel), dict(margin=margin)
 
 
@@ -303,8 +324,8 @@ def vispruner(x, a, k, similarity_features=None, **ratio_args):
 def mix(x, a, k, **ratio_args):
     k = min(k, len(a))
     r, k_att, order, margin = _split(x, a, k, ratio_args)
-    sel, m2 = greedy_max_min(cosine_distance_matrix(x), order[:k_att], k)
-    return sorted(sel), dict(margin=min(margin, m2), ratio=r)
+    sel, m2, alternatives = greedy_max_min(cosine_distance_matrix(x), order[:k_att], k)
+    return sorted(sel), dict(margin=min(margin, m2), ratio=r, alternatives=alternatives)
 
 
 def bat(x, a, k, similarity_features=None, bat_knn=5, **ratio_args):

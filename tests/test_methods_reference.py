@@ -2,7 +2,11 @@
 
 Inputs are float64, so the library and the loops compute in the same precision. A case whose
 smallest decision gap (`info["margin"]`) is below AMBIGUOUS may be decided either way by
-round-off; such cases are counted and skipped, and must stay rare.
+round-off; such cases are counted and skipped, and must stay rare. AMBIGUOUS = 1e-9 is over
+10^4 times the float64 round-off of these decisions (D <= 64: a cosine distance rounds by
+less than 1e-14), so round-off decides none of the cases compared. The one exact tie the
+brute force settles by rule but round-off settles in the library (the first max-min pick from
+a mutual nearest pair, `bf.greedy_max_min`) accepts either start's result.
 Where the C++ extension is built, the methods it accelerates are checked on it too.
 """
 import contextlib
@@ -104,7 +108,9 @@ def compare(method, make_params, seed, n_cases=N_CASES, check=None, sizes=draw_s
             if method == "bat":
                 same = got.shape == ref.shape and np.allclose(got, ref, rtol=1e-9, atol=1e-12)
             else:
-                same = got == ref
+                # a max-min start from an exact mutual-nearest tie, which round-off in the
+                # library's d(i, j) vs d(j, i) decides: either start's result (bf.greedy_max_min)
+                same = got == ref or got in info.get("alternatives", [])
             if not same:
                 failures.append(dict(backend=name, case=case, n=n, d=d, k=k, kind=kind, params={
                     key: v for key, v in params.items() if key != "similarity_features"},
@@ -192,6 +198,7 @@ def test_adaptive_count_batch_returns_a_list():
     assert isinstance(out, list) and len(out) == 2
     for b in range(2):
         ref, info = bf.adaptive(x[b], a[b], 10, erank_avg=4.0, adaptive_count=True)
+        assert info["margin"] > AMBIGUOUS  # a clear case (5e-3): round-off decides nothing
         assert out[b].tolist() == ref
     res = prune(torch.from_numpy(x), torch.from_numpy(a), 10, method="adaptive",
                 adaptive_count=True, erank_avg=4.0)

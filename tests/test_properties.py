@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import bruteforce as bf
 from llava_agile import METHODS, attention_entropy, backend, erank, prune, select_tokens
 from llava_agile.methods import MERGING
+from test_ext_parity import adaptive_margin, ambiguity
 
 INDEX_METHODS = [m for m in METHODS if m not in MERGING]
 
@@ -108,8 +109,17 @@ def test_threshold_comparison_is_strict():
 
 @given(images(), st.integers(2, 40), adaptive_params)
 def test_adaptive_selection_is_nested_in_k(img, keep, params):
-    """The walk does not depend on K (global ranks), so the K-1 set lies inside the K set."""
+    """The walk does not depend on K (global ranks), so the K-1 set lies inside the K set.
+
+    Only where round-off decides no comparison of the walk: the extension computes the dot
+    products in row blocks sized after K, and a block's rounding may depend on its size, so a
+    distance within round-off of its threshold (a duplicate's 0 against a tiny threshold) may be
+    decided differently for K and K - 1. `adaptive_margin` (the reference's smallest
+    |d - tau|) must exceed `ambiguity(x)`, a bound 16x above that round-off."""
     x, a = img
+    if keep < x.shape[0]:
+        p = {**dict(erank_avg=90.0, tau_step=0.01, tau_max=0.25, center=True), **params}
+        assume(adaptive_margin(x, a, keep, p) > ambiguity(x))
     big = set(select_tokens(x, a, keep, method="adaptive", **params).tolist())
     small = set(select_tokens(x, a, keep - 1, method="adaptive", **params).tolist())
     assert small <= big
@@ -204,7 +214,9 @@ def _well_separated(method, params, min_margin=2e-2):
         a = a.astype(np.float16).astype(np.float64)
         k = int(rng.integers(1, n))
         ref, info = bf.METHODS[method](x, a, k, **params)
-        if info["margin"] >= min_margin:
+        # a max-min start from an exact mutual-nearest tie is decided by round-off in the
+        # library (bf.greedy_max_min): a zero gap, so not well separated
+        if info["margin"] >= min_margin and not info.get("alternatives"):
             found.append((x, a, k, ref))
             if len(found) == 4:
                 return found

@@ -132,11 +132,14 @@ def test_fp16_and_batches():
     batch = prune(x.float(), a.float(), 12, "visionzip", keys=keys.float())
     assert batch.features.shape == (3, 12, 8) and batch.indices is None
     for b in range(3):
+        ref, info = bf.visionzip(xs[b], ats[b], 12, keys=ks[b])
+        # float32 target choices: the similarity of 4-d unit keys rounds by < 1e-6 (and the
+        # batch's keys sit at another alignment than the single image's, which may round
+        # differently); these cases' closest choice is >= 1.5e-2 away, so round-off decides none
+        assert info["margin"] > 1e-4
         one = prune(x[b].float(), a[b].float(), 12, "visionzip", keys=keys[b].float())
         assert torch.equal(batch.features[b], one.features) and batch.stats[b] == one.stats[0]
-        ref, info = bf.visionzip(xs[b], ats[b], 12, keys=ks[b])
-        if info["margin"] > 1e-4:
-            np.testing.assert_allclose(one.features.numpy(), ref, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(one.features.numpy(), ref, rtol=1e-5, atol=1e-5)
     half = prune(x.half(), a.half(), 12, "visionzip", keys=keys.half())
     assert half.features.dtype == torch.float16
 
@@ -225,7 +228,11 @@ def test_llava_runtime_uses_layer_minus_2_keys_and_feeds_k_tokens(tiny):
     from llava_agile.assets import tiny_image
 
     _, model, processor, _ = tiny
-    images = process_images([tiny_image(4), tiny_image(5, kind="noise")], processor, model.config)
+    # two clear cases (checked below): their closest target choice (4e-4) and dominant-token
+    # boundary (8e-2 relative) stay far from a tie with every CPU kernel set tried, whose own
+    # float32 forward moves such gaps by up to 2e-5 (targets) and 5e-4 (relative, attention)
+    images = process_images([tiny_image(10), tiny_image(7, kind="noise")], processor,
+                            model.config)
     full, start = _generate(tiny, images)
     clip, attn, keys, cls = _eager(model, images)
     n = clip.shape[1]
@@ -256,9 +263,13 @@ def test_llava_runtime_uses_layer_minus_2_keys_and_feeds_k_tokens(tiny):
         assert st["kept"] == st["tokens"] == 64 and st["contextual"] == 10
         ref, info = bf.visionzip(clip[b].double().numpy(), attn[b].double().numpy(), 64,
                                  keys=keys[b].double().numpy(), cls_token=cls[b].double().numpy())
-        # a clear case: float32 (the hook, the method) decides it as float64 does
+        # a clear case: float32 (the hook, the method) decides it as float64 does. Targets: the
+        # float32 cosine of 16-d unit keys rounds by < 20 u = 1.2e-6 in any summation order,
+        # far below a 1e-4 gap. Dominant tokens: the hook's row differs from this eager row by
+        # round-off (< 1e-5 relative, measured 9.5e-6), far below a 5e-3 relative gap
         top = attn[b].double().sort(descending=True).values
-        assert info["margin"] > 1e-5 and top[52] - top[53] > 1e-4 * top[52]
+        assert info["margin"] > 1e-4 and top[52] - top[53] > 5e-3 * top[52], \
+            (info["margin"], top[52:54])
         assert len(st["attention_indices"]) == 53             # + [CLS] = 54 dominant
         assert st["attention_indices"] == info["attention_indices"]
         assert st["target_indices"] == info["target_indices"]

@@ -5,7 +5,10 @@ windowed vision blocks, windows of 2x2 merged tokens so the window reordering is
 identity) and a tiny word-level tokenizer: no download. Images of 112x112 (16 merged tokens)
 and 112x168 (24).
 """
+import contextlib
+import os
 import re
+import sys
 import warnings
 from types import SimpleNamespace
 from unittest import mock
@@ -16,8 +19,12 @@ import torch
 import transformers
 
 import llava_agile
+import llava_agile.selection
 from llava_agile.hf import qwen
 from llava_agile.methods import MERGING, METHODS
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import bruteforce  # noqa: E402  (tests/: the float64 brute force with decision margins)
 
 V5 = int(re.match(r"(\d+)", transformers.__version__).group(1)) >= 5
 needs5 = pytest.mark.skipif(not V5, reason="Qwen2.5-VL pruning supports transformers 5.x only")
@@ -69,7 +76,16 @@ def tiny_model(seed=0):
         image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VSTART,
         vision_end_token_id=VEND)
     torch.manual_seed(seed)
-    return Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    # the vision blocks' q and k 16x larger: at init (std 0.02) every patch receives nearly the
+    # same attention (neighbours in the score order differ by as little as 1e-6 relative: near
+    # ties that round-off decides); peaked, by > 4e-3 (decided_adaptive checks the margins)
+    with torch.no_grad():
+        for block in model.model.visual.blocks:
+            qk = 2 * block.attn.qkv.in_features  # the q and k rows of the fused projection
+            block.attn.qkv.weight[:qk] *= 16
+            block.attn.qkv.bias[:qk] *= 16
+    return model
 
 
 def images(sizes=SIZES):
@@ -110,9 +126,82 @@ def run(model, batch, new_tokens=3):
     return seen, out[:, batch["input_ids"].shape[1]:]
 
 
+def greedy(model, batch, new_tokens):
+    """Stock greedy generate: (new ids [B, new_tokens], logits of each step [new_tokens, B, V])."""
+    with torch.inference_mode():
+        out = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False,
+                             output_scores=True, return_dict_in_generate=True)
+    return out.sequences[:, batch["input_ids"].shape[1]:], torch.stack(out.scores)
+
+
 def mrope(pos):
     """[3 or 4, B, L] position ids -> the 3 M-RoPE rows (5.x prepends a text row)."""
     return pos[-3:]
+
+
+# Two runs that batch differently, or a plain forward vs generate, use other kernels (GEMM
+# shapes, padding masks) and so other float32 round-off. transformers' Qwen2.5-VL has no true
+# float64 (its RMSNorm and vision rotary compute in float32), so their choices are compared only
+# where round-off cannot decide them: the decision margins of the one run must exceed TOL_*, and
+# the other run's inputs to the decision must lie within DEV_* of its inputs (measured with the
+# native, avx2 and default ATen kernels: <= 1.2e-7 on the logits, 0 on the selection inputs).
+TOL_ATT, DEV_ATT = 1e-4, 1e-5    # relative gap between neighbours in the attention order
+TOL_DIST, DEV_DIST = 1e-3, 1e-4  # cosine distance vs the adaptive threshold; erank (relative)
+TOL_LOGIT, DEV_LOGIT = 1e-3, 1e-4  # top-2 logit gap of a greedy step
+
+
+@contextlib.contextmanager
+def recording():
+    """Records each selection's (features [N, D], scores [N], keep, parameters), per image."""
+    seen, prune = [], llava_agile.selection.prune
+
+    def spy(space, attn, keep, method, **params):
+        assert space.shape[0] == 1  # qwen selects per image
+        seen.append((space[0].double(), attn[0].double(), keep,
+                     {k: v for k, v in params.items() if k != "stats"}))
+        return prune(space, attn, keep, method, **params)
+
+    with mock.patch.object(llava_agile.selection, "prune", spy):
+        yield seen
+
+
+def _cosine(x):
+    x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    return 1 - x @ x.T
+
+
+def decided_adaptive(ref, other):
+    """Two runs' `adaptive` selection of one image (`recording` entries): asserts that round-off
+    cannot decide it (the float64 brute force on `ref` has distance and attention-order margins
+    above TOL_*, `other`'s inputs lie within DEV_* of `ref`'s); returns the brute force's kept
+    indices. Attention margin: the smallest relative gap between neighbours of the attention
+    order over the part the walk and the backfill read and the first token they did not read."""
+    (x, a, keep, params), (y, b, keep2, params2) = ref, other
+    assert keep == keep2 and params == params2 and y.shape == x.shape
+    assert float(((b - a).abs() / a).max()) < DEV_ATT
+    assert float((_cosine(y) - _cosine(x)).abs().max()) < DEV_DIST
+    assert abs(bruteforce.erank(y.numpy()) / bruteforce.erank(x.numpy()) - 1) < DEV_DIST
+    a = a.numpy()
+    kept, info = bruteforce.adaptive(x.numpy(), a, keep, **params)
+    order = bruteforce.attention_order(a)
+    pos = {t: p for p, t in enumerate(order)}
+    last = max(pos[i] for i in kept) if info["backfilled"] == 0 else len(a) - 1
+    att = min(((a[order[p]] - a[order[p + 1]]) / max(a[order[p]], 1e-300)
+               for p in range(min(last + 1, len(a) - 1))), default=float("inf"))
+    assert info["margin"] > TOL_DIST and att > TOL_ATT, (
+        f"near tie (distance margin {info['margin']:.3g}, attention margin {att:.3g}): pick "
+        f"other test images")
+    return kept
+
+
+def decided_greedy(ref_scores, other_scores):
+    """Two runs' `[steps, V]` logits of the same greedy continuation: asserts that every step's
+    top-2 gap of `ref` is above TOL_LOGIT and `other`'s logits lie within DEV_LOGIT of them, so
+    round-off cannot have picked another token (call after checking the tokens are equal)."""
+    top = ref_scores.double().topk(2, dim=-1).values
+    gaps = (top[:, 0] - top[:, 1]).tolist()
+    assert min(gaps) > TOL_LOGIT, f"a greedy step is a near tie (top-2 gaps {gaps})"
+    torch.testing.assert_close(other_scores.double(), ref_scores.double(), rtol=0, atol=DEV_LOGIT)
 
 
 def test_refuses_transformers_4():
@@ -127,6 +216,8 @@ def test_refuses_transformers_4():
 
 @needs5
 def test_keep_all_gives_the_unpatched_tokens(tiny):
+    """Exact by construction: K = N runs the same kernels on the same batch as the unpatched
+    model and hands every merged token on, so embeddings, positions and tokens are bit-equal."""
     model, processor = tiny
     sizes = [(112, 112), (112, 112)]  # 16 tokens each: K = N for both
     full_seen, full = run(model, inputs(processor, sizes))
@@ -226,8 +317,13 @@ def test_two_images_in_one_prompt_and_plain_forward(tiny):
         handle.remove()
     assert torch.equal(mrope(plain[0]), mrope(seen[0][1]))
     with torch.inference_mode():
-        first = model.generate(**batch, max_new_tokens=1, do_sample=False)[0, -1]
-    assert int(logits[0, -1].argmax()) == int(first)
+        first = model.generate(**batch, max_new_tokens=1, do_sample=False, output_scores=True,
+                               return_dict_in_generate=True)
+    # generate computes the logits of the last position only, the plain forward of every
+    # position: other GEMM shapes, other round-off; the argmax agrees because its top-2 gap is
+    # far above the two logits' difference
+    assert int(logits[0, -1].argmax()) == int(first.sequences[0, -1])
+    decided_greedy(logits[0, -1:], first.scores[0])
 
 
 @needs5
@@ -242,22 +338,30 @@ def test_hf_enable_dispatches_qwen(tiny):
 
 @needs5
 def test_batch_of_two_sizes_matches_single_images(tiny):
+    """A batch of two image sizes (padding, one vision sequence for both) keeps each image's
+    tokens and continues each prompt as the image alone does. The two runs differ in round-off
+    (other GEMM shapes, a padding mask), so the tokens are compared where the margins of the
+    choices are far above that (decided_adaptive, decided_greedy)."""
     model, processor = tiny
     llava_agile.enable(model, processor=processor, method="adaptive", keep=8)
     calls = []
     handle = model.model.visual.register_forward_hook(lambda m, a, o: calls.append(1))
     try:
-        _, both = run(model, inputs(processor), new_tokens=4)
+        with recording() as chosen:
+            both, scores = greedy(model, inputs(processor), new_tokens=4)
     finally:
         handle.remove()
     assert len(calls) == 1  # encoded once (for the positions), handed to the first forward
     stats = model.agile_stats
-    assert [s["tokens"] for s in stats] == [8, 8]
+    assert [s["tokens"] for s in stats] == [8, 8] and len(chosen) == 2
     for b, size in enumerate(SIZES):
         batch = processor(images=images(SIZES)[b:b + 1], text=[PROMPT], return_tensors="pt")
-        _, one = run(model, batch, new_tokens=4)
+        with recording() as alone:
+            one, one_scores = greedy(model, batch, new_tokens=4)
+        kept = decided_adaptive(chosen[b], alone[0])
+        assert model.agile_stats[0]["indices"] == stats[b]["indices"] == kept
         assert one[0].tolist() == both[b].tolist()
-        assert model.agile_stats[0]["indices"] == stats[b]["indices"]
+        decided_greedy(scores[:, b], one_scores[:, 0])
 
 
 @needs5

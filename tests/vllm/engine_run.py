@@ -3,9 +3,12 @@
     python engine_run.py SPEC.json OUT.json
 
 SPEC: {"model": dir, "agile": {...} | null, "rounds": [[{"prompt": str, "images": [png]}, ...]],
-"max_tokens": int, "embeds": prompt | absent}. Each round is one `LLM.generate` call (a batch); OUT holds per request the
-prompt/output token ids and cached-token count, the model's `agile_stats` and encoder-call count
-after each round, and the `vllm:prompt_tokens` counter.
+"max_tokens": int, "embeds": prompt | absent, "record": bool | absent}. Each round is one
+`LLM.generate` call (a batch); OUT holds per request the prompt/output token ids and cached-token
+count, the model's `agile_stats` and encoder-call count after each round, and the
+`vllm:prompt_tokens` counter. With "record", OUT["selection"] holds what every
+`llava_agile.selection.prune` call of the first round got and kept (features, attention row,
+indices): the tests compare them with a float64 reference and its decision margins.
 """
 import json
 import os
@@ -24,6 +27,30 @@ def _probe(model):
             "cls": type(model).__name__}
 
 
+def _record(model):
+    """Wraps `llava_agile.selection.prune` in the worker (the plugin's only selection call)."""
+    import llava_agile.selection as selection
+
+    seen = model.agile_test_selection = []
+    orig = selection.prune
+
+    def spy(space, attn, keep, *args, **kwargs):
+        res = orig(space, attn, keep, *args, **kwargs)
+        seen.append({"space": space.tolist(), "attn": attn.tolist(),
+                     "indices": res.indices.tolist()})
+        return res
+
+    spy.orig = orig
+    selection.prune = spy
+
+
+def _recorded(model):
+    import llava_agile.selection as selection
+
+    selection.prune = selection.prune.orig
+    return model.agile_test_selection
+
+
 def main(spec_path, out_path):
     from PIL import Image
     from vllm import LLM, SamplingParams
@@ -33,13 +60,21 @@ def main(spec_path, out_path):
     llm = LLM(model=spec["model"], dtype="float32", enforce_eager=True, max_model_len=2048,
               max_num_batched_tokens=2048, max_num_seqs=4, limit_mm_per_prompt={"image": 2},
               enable_prefix_caching=True, block_size=32, enable_mm_embeds=True, disable_log_stats=False, seed=0, **kw)
+    record = bool(spec.get("record"))
+    # no logprobs (the tests take the logit margins from their float64 reference): vLLM gathers
+    # them with a torch.compile'd function that inductor fails to build under
+    # ATEN_CPU_CAPABILITY=default
     params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 8), ignore_eos=True)
     out = {"rounds": []}
-    for batch in spec["rounds"]:
+    for n, batch in enumerate(spec["rounds"]):
+        if record and n == 0:
+            llm.apply_model(_record)
         reqs = [{"prompt": r["prompt"],
                  "multi_modal_data": {"image": [Image.open(p).convert("RGB")
                                                 for p in r["images"]]}} for r in batch]
         res = llm.generate(reqs, params, use_tqdm=False)
+        if record and n == 0:
+            out["selection"] = llm.apply_model(_recorded)[0]
         out["rounds"].append({
             "requests": [{"prompt_token_ids": list(r.prompt_token_ids),
                           "token_ids": list(r.outputs[0].token_ids),
