@@ -19,7 +19,8 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--no-check", action="store_true", help="skip the comparison with the ONNX")
     d.add_argument("--no-llava", action="store_true", help="only build the encoder")
     d.add_argument("--seed", type=int, default=0, help="seed of the tiny LLaVA's random weights")
-    d.add_argument("--tol", type=float, default=1e-4, help="max |diff| allowed vs the ONNX")
+    d.add_argument("--tol", type=float, default=5e-4,
+                   help="max |diff| vs the ONNX, relative to each tensor's largest value")
     return ap
 
 

@@ -294,9 +294,12 @@ def check_against_onnx(model, image=None, processor=None,
 # --- the whole asset: encoder folder, ONNX check, tiny LLaVA around it --------------------------
 
 def build(out: str | Path, image_size: int = 224, onnx_path: str | Path | None = None,
-          check: bool = True, llava: bool = True, seed: int = 0, tol: float = 1e-4) -> dict:
+          check: bool = True, llava: bool = True, seed: int = 0, tol: float = 5e-4) -> dict:
     """Convert into `out/dinov2-vits14-clip-{size}`, check it against the ONNX (if onnxruntime is
-    installed; always at 224 px), build `out/tiny-llava-dinov2-{size}`; returns what was done."""
+    installed; always at 224 px), build `out/tiny-llava-dinov2-{size}`; returns what was done.
+    `tol`: the largest |difference| allowed relative to each tensor's largest value (float32
+    round-off through 12 blocks scales with it: measured up to 2.3e-5 with each CPU's kernels,
+    an absolute 5.9e-5 on hidden states up to 28; a wrong conversion is off by ~1 or more)."""
     out = Path(out)
     enc = convert(out / f"dinov2-vits14-clip-{image_size}", onnx_path, image_size)
     res: dict = {"encoder": str(enc.resolve()), "check": None, "llava": None}
@@ -315,9 +318,10 @@ def build(out: str | Path, image_size: int = 224, onnx_path: str | Path | None =
                 model = CLIPVisionModel(clip_config(224)).eval()
                 model.load_state_dict(convert_weights(read_backbone(onnx_path), 224), strict=False)
             res["check"] = check_against_onnx(model, onnx_path=onnx_path)
-            if res["check"]["worst_max_abs"] > tol:
+            if res["check"]["worst_relative"] > tol:
                 raise RuntimeError(f"converted encoder differs from the ONNX by "
-                                   f"{res['check']['worst_max_abs']:.2e} > {tol:.0e}")
+                                   f"{res['check']['worst_relative']:.2e} of a tensor's "
+                                   f"largest value > {tol:.0e}")
     if llava:
         from .tiny import build_tiny_llava
 
