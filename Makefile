@@ -165,7 +165,7 @@ main-test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS) --durations=15 tests --ignore=tests/hf --ignore=tests/vllm \
 		$(MAIN_IGNORE)
 
-# Before every stop (README "Testing on other CPUs"; not part of `make test`): the HF, vLLM and main
+# Before every stop (README "Testing"; not part of `make test`): the HF, vLLM and main
 # suites again under each of CAPABILITIES, PyTorch's CPU kernels of another vector width (other
 # summation orders, other round-off), set for the whole run, the HF reference included. A test
 # that passes only with the native kernels compares something round-off decides. test_pip_install

@@ -24,7 +24,7 @@ from llava_agile.hf import qwen
 from llava_agile.methods import MERGING, METHODS
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import bruteforce  # noqa: E402  (tests/: the float64 brute force with decision margins)
+import decided  # noqa: E402  (tests/: the decision-margin checks)
 
 V5 = int(re.match(r"(\d+)", transformers.__version__).group(1)) >= 5
 needs5 = pytest.mark.skipif(not V5, reason="Qwen2.5-VL pruning supports transformers 5.x only")
@@ -79,7 +79,7 @@ def tiny_model(seed=0):
     model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
     # the vision blocks' q and k 16x larger: at init (std 0.02) every patch receives nearly the
     # same attention (neighbours in the score order differ by as little as 1e-6 relative: near
-    # ties that round-off decides); peaked, by > 4e-3 (decided_adaptive checks the margins)
+    # ties that round-off decides); peaked, by > 4e-3 (decided.adaptive checks the margins)
     with torch.no_grad():
         for block in model.model.visual.blocks:
             qk = 2 * block.attn.qkv.in_features  # the q and k rows of the fused projection
@@ -142,12 +142,8 @@ def mrope(pos):
 # Two runs that batch differently, or a plain forward vs generate, use other kernels (GEMM
 # shapes, padding masks) and so other float32 round-off. transformers' Qwen2.5-VL has no true
 # float64 (its RMSNorm and vision rotary compute in float32), so their choices are compared only
-# where round-off cannot decide them: the decision margins of the one run must exceed TOL_*, and
-# the other run's inputs to the decision must lie within DEV_* of its inputs (measured with the
-# native, avx2 and default ATen kernels: <= 1.2e-7 on the logits, 0 on the selection inputs).
-TOL_ATT, DEV_ATT = 1e-4, 1e-5    # relative gap between neighbours in the attention order
-TOL_DIST, DEV_DIST = 1e-3, 1e-4  # cosine distance vs the adaptive threshold; erank (relative)
-TOL_LOGIT, DEV_LOGIT = 1e-3, 1e-4  # top-2 logit gap of a greedy step
+# where round-off cannot decide them (tests/decided.py; measured with the native, avx2 and
+# default ATen kernels: <= 1.2e-7 on the logits, 0 on the selection inputs).
 
 
 @contextlib.contextmanager
@@ -165,43 +161,11 @@ def recording():
         yield seen
 
 
-def _cosine(x):
-    x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-    return 1 - x @ x.T
-
-
 def decided_adaptive(ref, other):
-    """Two runs' `adaptive` selection of one image (`recording` entries): asserts that round-off
-    cannot decide it (the float64 brute force on `ref` has distance and attention-order margins
-    above TOL_*, `other`'s inputs lie within DEV_* of `ref`'s); returns the brute force's kept
-    indices. Attention margin: the smallest relative gap between neighbours of the attention
-    order over the part the walk and the backfill read and the first token they did not read."""
+    """Two runs' `adaptive` selection of one image (`recording` entries): decided.adaptive."""
     (x, a, keep, params), (y, b, keep2, params2) = ref, other
-    assert keep == keep2 and params == params2 and y.shape == x.shape
-    assert float(((b - a).abs() / a).max()) < DEV_ATT
-    assert float((_cosine(y) - _cosine(x)).abs().max()) < DEV_DIST
-    assert abs(bruteforce.erank(y.numpy()) / bruteforce.erank(x.numpy()) - 1) < DEV_DIST
-    a = a.numpy()
-    kept, info = bruteforce.adaptive(x.numpy(), a, keep, **params)
-    order = bruteforce.attention_order(a)
-    pos = {t: p for p, t in enumerate(order)}
-    last = max(pos[i] for i in kept) if info["backfilled"] == 0 else len(a) - 1
-    att = min(((a[order[p]] - a[order[p + 1]]) / max(a[order[p]], 1e-300)
-               for p in range(min(last + 1, len(a) - 1))), default=float("inf"))
-    assert info["margin"] > TOL_DIST and att > TOL_ATT, (
-        f"near tie (distance margin {info['margin']:.3g}, attention margin {att:.3g}): pick "
-        f"other test images")
-    return kept
-
-
-def decided_greedy(ref_scores, other_scores):
-    """Two runs' `[steps, V]` logits of the same greedy continuation: asserts that every step's
-    top-2 gap of `ref` is above TOL_LOGIT and `other`'s logits lie within DEV_LOGIT of them, so
-    round-off cannot have picked another token (call after checking the tokens are equal)."""
-    top = ref_scores.double().topk(2, dim=-1).values
-    gaps = (top[:, 0] - top[:, 1]).tolist()
-    assert min(gaps) > TOL_LOGIT, f"a greedy step is a near tie (top-2 gaps {gaps})"
-    torch.testing.assert_close(other_scores.double(), ref_scores.double(), rtol=0, atol=DEV_LOGIT)
+    assert keep == keep2 and params == params2
+    return decided.adaptive((x, a), (y, b), keep, **params)
 
 
 def test_refuses_transformers_4():
@@ -323,7 +287,7 @@ def test_two_images_in_one_prompt_and_plain_forward(tiny):
     # position: other GEMM shapes, other round-off; the argmax agrees because its top-2 gap is
     # far above the two logits' difference
     assert int(logits[0, -1].argmax()) == int(first.sequences[0, -1])
-    decided_greedy(logits[0, -1:], first.scores[0])
+    decided.greedy(logits[0, -1:], first.scores[0])
 
 
 @needs5
@@ -341,7 +305,7 @@ def test_batch_of_two_sizes_matches_single_images(tiny):
     """A batch of two image sizes (padding, one vision sequence for both) keeps each image's
     tokens and continues each prompt as the image alone does. The two runs differ in round-off
     (other GEMM shapes, a padding mask), so the tokens are compared where the margins of the
-    choices are far above that (decided_adaptive, decided_greedy)."""
+    choices are far above that (tests/decided.py)."""
     model, processor = tiny
     llava_agile.enable(model, processor=processor, method="adaptive", keep=8)
     calls = []
@@ -361,7 +325,7 @@ def test_batch_of_two_sizes_matches_single_images(tiny):
         kept = decided_adaptive(chosen[b], alone[0])
         assert model.agile_stats[0]["indices"] == stats[b]["indices"] == kept
         assert one[0].tolist() == both[b].tolist()
-        decided_greedy(scores[:, b], one_scores[:, 0])
+        decided.greedy(scores[:, b], one_scores[:, 0])
 
 
 @needs5

@@ -6,23 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
-if str(HERE.parent) not in sys.path:  # tests/: the float64 brute force with decision margins
+if str(HERE.parent) not in sys.path:  # tests/: the decision-margin checks
     sys.path.insert(0, str(HERE.parent))
-import bruteforce  # noqa: E402
-
-# vLLM runs in float32 only (its CPU attention has no float64), so its choices are compared with
-# a float64 reference where round-off cannot decide them: the reference's decision margins must
-# exceed TOL_*, and vLLM's inputs to the selection must lie within DEV_* of the reference's, a
-# small fraction of TOL_*; a decision then cannot flip. vLLM's float32 deviation from the
-# reference, measured with the native, avx2 and default ATen kernels (ATEN_CPU_CAPABILITY):
-# <= 9e-7 relative on the attention row, <= 6e-7 on cosine distances, <= 2e-6 on the logits.
-TOL_ATT, DEV_ATT = 1e-4, 1e-5    # relative gap between neighbours in the attention order
-TOL_DIST, DEV_DIST = 1e-3, 1e-4  # cosine distance vs the adaptive threshold; erank (relative)
-TOL_LOGIT = 1e-3                 # top-2 logit gap of a greedy step
+import decided  # noqa: E402
 
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant "
           "gives helpful, detailed, and polite answers to the user's questions. ")
@@ -106,45 +95,12 @@ def hf_reference(model_cls, model_dir, image, prompt, **agile):
                            scores=torch.stack([s[0] for s in gen.scores]))
 
 
-def adaptive_reference(space, attn, k):
-    """`adaptive` (default parameters) by the float64 brute force on one selection's `[N, D]`
-    features and `[N]` attention: (kept indices, distance margin, attention margin).
-
-    Distance margin: the smallest gap between a cosine distance the walk compared and its
-    threshold (less the threshold's erank slack). Attention margin: the smallest relative gap
-    between neighbours of the attention order, over the part the walk and the backfill read and
-    the first token they did not read (a swap there changes the visited tokens, their ranks,
-    hence thresholds, or the backfill)."""
-    x, a = np.asarray(space, np.float64), np.asarray(attn, np.float64)
-    kept, info = bruteforce.adaptive(x, a, k)
-    order = bruteforce.attention_order(a)
-    pos = {t: p for p, t in enumerate(order)}
-    last = max(pos[i] for i in kept) if info["backfilled"] == 0 else len(a) - 1
-    gaps = [(a[order[p]] - a[order[p + 1]]) / max(a[order[p]], 1e-300)
-            for p in range(min(last + 1, len(a) - 1))]
-    return kept, info["margin"], min(gaps, default=float("inf"))
-
-
-def _cosine(x):
-    x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-    return 1 - x @ x.T
-
-
 def check_selection(ref, got, k):
     """`ref` = (features, attention) of the float64 reference's selection, `got` = the dict vLLM
-    recorded (engine_run "selection"). Asserts that round-off cannot decide the choice (margins
-    of the reference above TOL_*, vLLM's inputs within DEV_* of it) and that vLLM kept the
-    reference's tokens; returns them."""
-    x, a = (torch.as_tensor(t, dtype=torch.float64) for t in ref)
-    gx, ga = (torch.tensor(got[n], dtype=torch.float64)[0] for n in ("space", "attn"))
-    assert gx.shape == x.shape and ga.shape == a.shape
-    kept, dist_margin, att_margin = adaptive_reference(x, a, k)
-    assert dist_margin > TOL_DIST and att_margin > TOL_ATT, (
-        f"the reference's choice is a near tie (distance margin {dist_margin:.3g}, attention "
-        f"margin {att_margin:.3g}): pick another test image")
-    assert float(((ga - a).abs() / a).max()) < DEV_ATT
-    assert float((_cosine(gx) - _cosine(x)).abs().max()) < DEV_DIST
-    assert abs(bruteforce.erank(gx.numpy()) / bruteforce.erank(x.numpy()) - 1) < DEV_DIST
+    recorded (engine_run "selection"). Asserts that round-off cannot decide the choice
+    (decided.adaptive) and that vLLM kept the reference's tokens; returns them."""
+    kept = decided.adaptive(ref, [torch.tensor(got[n], dtype=torch.float64)[0]
+                                  for n in ("space", "attn")], k)
     assert got["indices"][0] == kept
     return kept
 
@@ -152,10 +108,7 @@ def check_selection(ref, got, k):
 def check_greedy(ref_scores, ref_tokens, got):
     """Greedy tokens of a float64 reference (`ref_scores`: `[steps, V]` logits of its steps,
     `ref_tokens` its new tokens) vs a vLLM request `got`: every step's top-2 logit gap of the
-    reference is above TOL_LOGIT, hundreds of times vLLM's float32 deviation, so round-off cannot
-    pick another token and vLLM's tokens must be the reference's."""
-    top = ref_scores.double().topk(2, dim=-1).values
-    gaps = (top[:, 0] - top[:, 1]).tolist()
-    assert min(gaps) > TOL_LOGIT, f"a greedy step is a near tie (top-2 logit gaps {gaps}): " \
-        f"pick another test image or prompt"
+    reference is above decided.TOL_LOGIT, hundreds of times vLLM's float32 deviation, so
+    round-off cannot pick another token and vLLM's tokens must be the reference's."""
+    decided.greedy(ref_scores)
     assert got["token_ids"] == ref_tokens
