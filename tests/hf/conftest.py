@@ -49,9 +49,9 @@ def reference(tmp_path_factory):
     return torch.load(out / "reference.pt", weights_only=False)
 
 
-# float64: where the equivalence tests compare token choices (round-off cannot decide them);
-# float32: the adapters' real dtype, checked for what it guarantees (see orig_reference.py).
-DTYPES = {"float64": torch.float64, "float32": torch.float32}
+# DTYPES: float64, where the equivalence tests compare token choices (round-off cannot decide
+# them); float32, the adapters' real dtype, checked for what it guarantees (orig_reference.py)
+from orig_reference import DTYPES  # noqa: E402  (tests/hf is on sys.path)
 # round-off through the tower scales with the features' size (|x| up to ~6 here), not with each
 # element's: float32 embeddings of two codebases differ by up to ~1e-5 where a value is near 0
 TOL = {"float64": dict(rtol=1e-9, atol=1e-10), "float32": dict(rtol=1e-4, atol=1e-4)}
