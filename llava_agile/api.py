@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from . import backend
-from .config import check_keep, check_method, check_params
+from .config import check_keep, check_params, check_selection_method
 from .methods import MERGING
 from .metrics import entropy_of, erank_from_singular_values, singular_values
 
@@ -75,7 +75,7 @@ def attention_entropy(cls_attn: torch.Tensor) -> torch.Tensor:
 
 
 def _check_inputs(features, cls_attn, keep, method, params):
-    check_method(method)
+    check_selection_method(method)
     keep = check_keep(keep)
     params = check_params(method, params)
     feats, attn = check_features(features), check_attention(cls_attn)

@@ -9,8 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import PruneConfig
-from .methods import METHODS
+from .config import METHODS, PruneConfig
 
 KEEP_DEFAULT = 64
 

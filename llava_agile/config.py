@@ -7,7 +7,11 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
-from .methods import METHODS, REGISTRY
+from . import inllm
+from .methods import METHODS as SELECTION_METHODS
+from .methods import REGISTRY
+
+METHODS = SELECTION_METHODS + inllm.METHODS  # every method name: before the LLM, then inside it
 
 CHOICES = {"ratio_rule": ("fixed", "adaptive", "inverse"), "complexity": ("erank", "entropy")}
 POSITIVE = ("erank_avg", "entropy_avg")
@@ -28,14 +32,25 @@ def check_keep(keep: Any) -> int:
 
 
 def check_method(method: Any) -> str:
-    if method not in REGISTRY:
+    if method not in REGISTRY and method not in inllm.METHODS:
         raise ValueError(f"unknown pruning method {method!r}; valid methods: {', '.join(METHODS)}")
     return method
 
 
-def check_params(method: str, params: dict) -> dict:
-    """Validate `params` for `method`; returns the full parameter set with defaults filled in."""
-    defaults = REGISTRY[check_method(method)][1]
+def check_selection_method(method: Any) -> str:
+    """A method that selects tokens before the LLM (what the tensor API runs)."""
+    if check_method(method) in inllm.METHODS:
+        raise ValueError(f"{method!r} prunes inside the LLM (between decoder layers), so it has no "
+                         f"tensor-level selection: use llava_agile.enable(model, {method!r}, keep) "
+                         f"(tensor-level methods: {', '.join(SELECTION_METHODS)})")
+    return method
+
+
+def check_params(method: str, params: dict, keep: int | None = None) -> dict:
+    """Validate `params` for `method`; returns the full parameter set with defaults filled in.
+    In-LLM methods check their parameters against `keep` too."""
+    defaults = inllm.DEFAULTS[method] if check_method(method) in inllm.METHODS \
+        else REGISTRY[method][1]
     unknown = sorted(set(params) - set(defaults))
     if unknown:
         accepted = ", ".join(defaults) or "no parameters"
@@ -66,6 +81,8 @@ def check_params(method: str, params: dict) -> dict:
                 isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0):
             raise ValueError(f"contextual must be an integer >= 0 (visionzip's merged tokens) or "
                              f"None (round(keep * 10 / 64)), got {value!r}")
+    if method in inllm.METHODS:
+        return inllm.check_params(method, keep, params)
     if "ratio_min" in full and full["ratio_min"] > full["ratio_max"]:
         raise ValueError(f"ratio_min ({full['ratio_min']}) must not exceed ratio_max "
                          f"({full['ratio_max']})")
@@ -73,8 +90,13 @@ def check_params(method: str, params: dict) -> dict:
 
 
 def parse_value(text: str) -> Any:
-    """'0.5' -> 0.5, '3' -> 3, 'true' -> True, 'none' -> None, anything else stays a string."""
+    """'0.5' -> 0.5, '3' -> 3, 'true' -> True, 'none' -> None, '8/16/24' -> (8, 16, 24) (lists of
+    numbers, e.g. PDrop's layers), anything else stays a string."""
     low = text.strip().lower()
+    if "/" in low:
+        parts = [parse_value(t) for t in text.split("/")]
+        if all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in parts):
+            return tuple(parts)
     if low in ("true", "false"):
         return low == "true"
     if low in ("none", "null"):
@@ -137,7 +159,7 @@ class PruneConfig:
         check_method(self.method)
         self.keep = check_keep(self.keep)
         self.params = dict(self.params)
-        check_params(self.method, self.params)
+        check_params(self.method, self.params, self.keep)
         if self.feature_space is None:
             self.feature_space = "vision" if self.method == "visionzip" else "projected"
         if self.feature_space not in ("projected", "vision"):

@@ -6,7 +6,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llava_agile import METHODS, PruneConfig, select_tokens
+from llava_agile import PruneConfig, select_tokens
+from llava_agile.methods import METHODS  # the tensor-level (pre-LLM) methods
 from llava_agile.config import parse_pruning_args
 
 

@@ -11,7 +11,8 @@ from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 import bruteforce as bf
-from llava_agile import METHODS, attention_entropy, backend, erank, prune, select_tokens
+from llava_agile import attention_entropy, backend, erank, prune, select_tokens
+from llava_agile.methods import METHODS  # the tensor-level (pre-LLM) methods
 from llava_agile.methods import MERGING
 from test_ext_parity import adaptive_margin, ambiguity
 

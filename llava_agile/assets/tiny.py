@@ -75,13 +75,14 @@ def _init_(module: torch.nn.Module, gen: torch.Generator, attn_gain: float = 1.0
 
 def build_tiny_llava(out_dir: str, next: bool = False, seed: int = 0, image_size: int = 336,
                      patch_size: int = 14, vision_layers: int = 3,
-                     vision_tower: str | None = None) -> str:
+                     vision_tower: str | None = None, llm_layers: int = 2) -> str:
     """Write a loadable tiny random LLaVA folder; returns its path (its name contains 'llava').
 
     `next=True`: anyres with `image_grid_pinpoints`, `spatial_unpad` and an `image_newline`.
     `vision_tower`: a local CLIPVisionModel folder used as is (e.g. the DINOv2 conversion) instead
     of a random 64-d CLIP; its config gives the image size, layers and the projector's input width
-    (`image_size`, `patch_size` and `vision_layers` are then ignored).
+    (`image_size`, `patch_size` and `vision_layers` are then ignored). `llm_layers`: LLaMA decoder
+    layers (in-LLM pruning needs a few).
     """
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
     from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
@@ -121,7 +122,7 @@ def build_tiny_llava(out_dir: str, next: bool = False, seed: int = 0, image_size
     vocab = len(LlamaTokenizer.from_pretrained(path))
 
     cfg = LlavaConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=llm_layers,
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
         torch_dtype="float32", use_cache=True,

@@ -12,6 +12,7 @@ import types
 import torch
 
 from ..config import PruneConfig
+from ..inllm import METHODS as INLLM_METHODS
 from ..methods import MERGING
 from ..selection import crop_mask, crop_stats, flat_tokens, needs_keys
 from ..selection import select as _select  # shared with llava_agile.hf
@@ -96,6 +97,9 @@ class _State:
         self.pending = None
         self.keys = None  # the select layer's patch keys of the last tower call (visionzip)
         self.cls = None   # ... and its [CLS] hidden states `[B, Dv]` (visionzip)
+
+    def remove(self):
+        self.hook.remove()
 
 
 def _tower(model, state, images: torch.Tensor):
@@ -231,6 +235,15 @@ _IMPL = {"prepare_inputs_labels_for_multimodal": _prepare_inputs_labels_for_mult
 
 # ---------------------------------------------------------------- public
 
+def _install(model, state, methods: dict):
+    """Set the instance methods (remembering what they replace) and the state."""
+    for name, fn in methods.items():
+        state.saved[name] = model.__dict__.get(name, _MISSING)
+        state.orig[name] = getattr(model, name)
+        setattr(model, name, fn)
+    model._agile_state = state
+
+
 def enable(model, method="adaptive", keep: int | None = None, *, feature_space: str | None = None,
            anyres_mode: str | None = None, stats: str | None = None, **params):
     """Prune the visual tokens of a loaded LLaVA model; returns the model.
@@ -248,16 +261,16 @@ def enable(model, method="adaptive", keep: int | None = None, *, feature_space: 
     _check_model(model, cfg)
     if is_enabled(model):
         disable(model)
-    zip_ = needs_keys(cfg.method)  # visionzip: also the keys and the CLS output
-    tower = model.get_vision_tower()
-    state = _State(cfg, ClsAttentionHook(attention_module(tower), keys=zip_,
-                                         block=select_block(tower) if zip_ else None))
-    names = PATCHED if compat.needs_cache_position_shim() else PATCHED[:2]
-    for name in names:
-        state.saved[name] = model.__dict__.get(name, _MISSING)
-        state.orig[name] = getattr(model, name)
-        setattr(model, name, types.MethodType(_IMPL[name], model))
-    model._agile_state = state
+    if cfg.method in INLLM_METHODS:
+        from . import inllm
+        inllm.enable(model, cfg, _install)
+    else:
+        zip_ = needs_keys(cfg.method)  # visionzip: also the keys and the CLS output
+        tower = model.get_vision_tower()
+        state = _State(cfg, ClsAttentionHook(attention_module(tower), keys=zip_,
+                                             block=select_block(tower) if zip_ else None))
+        names = PATCHED if compat.needs_cache_position_shim() else PATCHED[:2]
+        _install(model, state, {n: types.MethodType(_IMPL[n], model) for n in names})
     model.agile_config = cfg
     model.agile_stats = []
     return model
@@ -268,7 +281,7 @@ def disable(model):
     if not is_enabled(model):
         return model
     state = model.__dict__.pop("_agile_state")
-    state.hook.remove()
+    state.remove()
     for name, value in state.saved.items():
         if value is _MISSING:
             model.__dict__.pop(name, None)

@@ -1,0 +1,7 @@
+"""Pruning inside the LLM (FastV, PDrop, DART): pure methods (`methods`) and the one engine every
+framework adapter shares (`engine`)."""
+from .methods import (DEFAULTS, METHODS, average_tokens, check_params, keep_for_average,
+                      layer_tokens, stages)
+
+__all__ = ["DEFAULTS", "METHODS", "average_tokens", "check_params", "keep_for_average",
+           "layer_tokens", "stages"]

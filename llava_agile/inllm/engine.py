@@ -1,0 +1,387 @@
+"""The one room where image tokens leave the LLM between decoder layers, for every framework.
+
+`Engine` patches the decoder-layer instances of a LLaMA-style language model (ToMe style, no
+class or file changed). A framework adapter calls `begin(images, valid)` before each prefill with
+where each sample's images sit; the engine then, inside the layer loop the framework runs:
+
+- at a method's score layer, computes what the method ranks by from that layer's input and its
+  own modules (`input_layernorm`, `q_proj`, `k_proj`, rotary): the last prompt token's attention
+  row or the keys; the LLM itself keeps its attention implementation (SDPA, eager, FlashAttention);
+- at a pruning layer, gathers the kept tokens of the hidden states; every later layer gets the
+  position ids (original ones, or renumbered for PDrop), 4-D attention mask and cache positions
+  of the kept tokens, so each layer's KV cache holds exactly the tokens that layer saw;
+- in decoding, maps the mask columns and positions of each layer onto its own (shorter) cache.
+
+Batches: samples keep different numbers of tokens (text-only samples lose none); the shorter ones
+get filler entries that nobody attends to (left, or right for right-padded samples).
+"""
+from __future__ import annotations
+
+import sys
+import time
+import types
+
+import torch
+
+from . import methods as M
+
+
+class _Stage:
+    """The tokens of the original prefill that one group of layers sees."""
+
+    def __init__(self, alive: torch.Tensor, valid: torch.Tensor):
+        B, L = alive.shape
+        self.alive = alive
+        n = alive.sum(1)
+        width = int(n.max())
+        right = ~valid[:, -1] & valid[:, 0]  # right-padded samples: fillers go last
+        self.gather = torch.zeros(B, width, dtype=torch.long, device=alive.device)
+        self.filler = torch.ones(B, width, dtype=torch.bool, device=alive.device)
+        for b in range(B):
+            idx = alive[b].nonzero()[:, 0]
+            at = 0 if right[b] else width - len(idx)
+            self.gather[b, at:at + len(idx)] = idx
+            self.filler[b, at:at + len(idx)] = False
+        dropped = (~alive).long()
+        self.shift = (dropped.cumsum(1) - dropped).gather(1, self.gather)  # dropped before each
+        self.total = dropped.sum(1)
+        self.length = L
+
+
+class _Run:
+    """Bookkeeping of one batch from its prefill on."""
+
+    def __init__(self, images, valid, replay=None):
+        self.images = images    # per sample: list of ranges in the padded prefill
+        self.valid = valid      # [B, L] real tokens
+        self.L = valid.shape[1]
+        self.stage = None       # current stage (None: every token)
+        self.layer_stage = {}   # layer -> stage it saw (decode)
+        self.saved = {}
+        self.kept = [[[] for _ in imgs] for imgs in images]  # per image: counts per stage
+        self.replay = replay    # alive masks to reuse (no scoring)
+        self.replays = []       # alive masks of each pruning layer (what replay() reuses)
+        self.margins = []       # each selection's gap at its cut-off (tests check them)
+        self.prefill = True
+        self.decoded = 0
+        self.ms = 0.0
+
+
+class Engine:
+    def __init__(self, layers, method: str, keep: int, params: dict, norm=None, on_prefill=None):
+        """`layers`: the decoder layers; `norm`: the model's final norm (DART); `on_prefill`:
+        called with `stats()` after each pruned prefill."""
+        self.layers = list(layers)
+        self.method, self.keep = method, keep
+        self.params = M.check_params(method, keep, params)
+        if method == "pdrop":
+            prune = list(self.params["layers"])
+            score = prune
+        else:
+            prune = [self.params["layer"]]
+            score = [self.params["layer"] - 1]
+        if prune[-1] >= len(self.layers):
+            raise ValueError(f"{method}: pruning layer {prune[-1]} is outside the model's "
+                             f"{len(self.layers)} decoder layers (0-{len(self.layers) - 1})")
+        if method == "dart" and norm is None:
+            raise ValueError("dart needs the model's final norm")
+        self.prune_layers, self.score_layers = prune, score
+        self.norm = norm
+        self.on_prefill = on_prefill
+        self.renumber = method in M.RENUMBER
+        self.run: _Run | None = None
+        self.last: _Run | None = None
+        self._replay = False
+        self._saved = []
+        for i, layer in enumerate(self.layers):
+            orig = layer.forward
+            self._saved.append((layer, "forward", layer.__dict__.get("forward")))
+            layer.forward = types.MethodType(
+                lambda mod, *a, _i=i, _orig=orig, **kw: self._layer(_i, _orig, *a, **kw), layer)
+            rope = getattr(layer.self_attn, "rotary_emb", None)
+            if not self.renumber and hasattr(rope, "max_seq_len_cached"):
+                # transformers 4.37 slices its cos/sin table to the layer's KV length, which is
+                # shorter than the largest kept original position: hand it the whole table
+                self._saved.append((rope, "forward", rope.__dict__.get("forward")))
+                rope.forward = types.MethodType(_whole_table(rope.forward), rope)
+
+    # ------------------------------------------------------------ public
+
+    def begin(self, images: list[list[range]], valid: torch.Tensor):
+        """Before a prefill: `images[b]` = ranges of sample b's image tokens in the padded
+        sequence; `valid` `[B, L]` = real (non-padding) tokens."""
+        replay = None
+        if self._replay:
+            self._replay = False
+            if self.last is None:
+                raise RuntimeError("replay() needs an earlier prefill to replay")
+            extra = valid.shape[1] - self.last.L
+            replay = [torch.cat([a, a.new_ones(a.shape[0], extra)], 1) for a in self.last.replays]
+        for b, imgs in enumerate(images):
+            for r in imgs:
+                if not valid[b, r.start:r.stop].all():
+                    raise ValueError(f"sample {b}: image tokens {r.start}-{r.stop - 1} overlap "
+                                     f"padding")
+        self.run = _Run(images, valid.bool(), replay)
+
+    def replay(self):
+        """Tests: the next prefill (the last prompt plus generated tokens, no KV cache) keeps
+        what the last prefill kept at each pruning layer instead of choosing again."""
+        self._replay = True
+
+    def stats(self) -> list[list[dict]]:
+        """Per sample, per image: the image tokens each layer saw, their mean, the kept ones."""
+        run = self.last
+        out = []
+        for b, imgs in enumerate([] if run is None else run.images):
+            rows = []
+            for j, r in enumerate(imgs):
+                counts, cur, plan = [], len(r), dict(zip(self.prune_layers, run.kept[b][j]))
+                for i in range(len(self.layers)):
+                    cur = len(plan[i]) if i in plan else cur
+                    counts.append(cur)
+                first = run.kept[b][j][0] if run.kept[b][j] else list(range(len(r)))
+                rows.append(dict(method=self.method, tokens=len(r), kept=len(first),
+                                 indices=first, layer_tokens=counts,
+                                 avg_tokens=sum(counts) / len(counts),
+                                 stages=[dict(layer=p, kept=len(k)) for p, k in plan.items()],
+                                 prune_ms=run.ms / max(1, sum(len(x) for x in run.images))))
+            out.append(rows)
+        return out
+
+    def remove(self):
+        for obj, name, value in self._saved:
+            if value is None:
+                obj.__dict__.pop(name, None)
+            else:
+                setattr(obj, name, value)
+        self._saved = []
+
+    # ------------------------------------------------------------ the layer loop
+
+    def _layer(self, i, orig, hidden_states, *args, **kw):
+        run = self.run
+        if run is None:
+            return orig(hidden_states, *args, **kw)
+        if args:
+            raise RuntimeError("in-LLM pruning needs the decoder layers called with keyword "
+                               "arguments (as transformers does outside gradient checkpointing)")
+        if run.prefill:
+            if i == 0 and hidden_states.shape[1] != run.L:
+                raise RuntimeError(f"in-LLM pruning expected the prefill of {run.L} tokens, got "
+                                   f"{hidden_states.shape[1]}")
+            if i in self.score_layers or i in self.prune_layers:
+                t0 = time.perf_counter()
+                if i in self.score_layers and run.replay is None:
+                    run.saved[i] = self._score(i, hidden_states,
+                                               self._kwargs(run.stage, kw, True, hidden_states))
+                if i in self.prune_layers:
+                    hidden_states = self._prune(i, hidden_states)
+                run.ms += (time.perf_counter() - t0) * 1e3
+            run.layer_stage[i] = run.stage
+            if i == len(self.layers) - 1:
+                run.prefill = False
+                self.last = run
+                if self.on_prefill is not None:
+                    self.on_prefill(self.stats())
+            return orig(hidden_states, **self._kwargs(run.stage, kw, True, hidden_states))
+        if i == 0:
+            if _cache_length(kw) == 0:  # a new prefill nobody announced (e.g. text only)
+                self.run = None
+                return orig(hidden_states, *args, **kw)
+            run.decoded += hidden_states.shape[1]
+        return orig(hidden_states, **self._kwargs(run.layer_stage[i], kw, False, hidden_states))
+
+    # ------------------------------------------------------------ scores and pruning
+
+    def _cur(self, b):
+        """(entries of the current sequence that are real tokens, their original positions)."""
+        st = self.run.stage
+        if st is None:
+            ent = self.run.valid[b].nonzero()[:, 0]
+            return ent, ent
+        ok = ~st.filler[b] & self.run.valid[b].gather(0, st.gather[b])
+        ent = ok.nonzero()[:, 0]
+        return ent, st.gather[b][ent]
+
+    def _score(self, i, h, kw):
+        q, k = _qk(self.layers[i], h, kw)
+        out = []
+        for b, imgs in enumerate(self.run.images):
+            if not imgs:
+                out.append(None)
+                continue
+            ent, _ = self._cur(b)
+            if self.method == "dart":
+                out.append(k[b].permute(1, 0, 2).reshape(k.shape[2], -1)[ent])
+            else:
+                valid = torch.zeros(h.shape[1], dtype=torch.bool, device=h.device)
+                valid[ent] = True
+                out.append(M.attention_row(q[b, :, ent[-1]], k[b], valid)[ent])
+        return out
+
+    def _prune(self, i, h):
+        run = self.run
+        alive = run.stage.alive.clone() if run.stage is not None else torch.ones_like(run.valid)
+        if run.replay is not None:
+            alive = run.replay[self.prune_layers.index(i)]
+            for b, imgs in enumerate(run.images):
+                for j, r in enumerate(imgs):
+                    run.kept[b][j].append([p - r.start for p in r if alive[b, p]])
+        else:
+            saved = run.saved[self.score_layers[self.prune_layers.index(i)]]
+            states = self.norm(h) if self.method == "dart" else None
+            for b, imgs in enumerate(run.images):
+                if not imgs:
+                    continue
+                ent, pos = self._cur(b)
+                for j, r in enumerate(imgs):
+                    n = len(r)
+                    count = dict(M.stages(self.method, self.keep, self.params, n))[i]
+                    inside = ((pos >= r.start) & (pos < r.stop)).nonzero()[:, 0]
+                    if count >= len(inside):   # a budget larger than the image: keep it all
+                        kept = pos[inside].tolist()
+                    elif self.method == "dart":
+                        kept = self._dart(saved[b], states[b, ent], pos, inside, imgs, count)
+                    else:
+                        top = M.top_sorted(saved[b][inside], count, run.margins)
+                        kept = pos[inside[top]].tolist()
+                    drop = torch.ones(run.L, dtype=torch.bool, device=h.device)
+                    drop[r.start:r.stop] = False
+                    drop[kept] = True
+                    alive[b] &= drop
+                    run.kept[b][j].append([p - r.start for p in kept])
+        run.replays.append(alive)
+        new = _Stage(alive, run.valid)
+        rel = _inverse(run.stage, h.shape[0], run.L, h.device).gather(1, new.gather).masked_fill(new.filler, 0)
+        run.stage = new
+        return h.gather(1, rel[..., None].expand(-1, -1, h.shape[2]))
+
+    def _dart(self, keys, states, pos, inside, imgs, count):
+        """DART in the sample's local (unpadded) coordinates, as its batch-1 code sees them."""
+        first, last = int(inside[0]), int(inside[-1])
+        if len(inside) != last - first + 1:
+            raise RuntimeError("dart expects each image's tokens to be contiguous")
+        images = {p for r in imgs for p in r}   # this sample's image positions
+        text = [j for j in range(last + 1, len(pos)) if int(pos[j]) not in images]
+        pt = self.params["pivot_text"]
+        if len(text) < pt:
+            raise ValueError(f"dart needs at least pivot_text={pt} text tokens after the image "
+                             f"(its text pivots' pool), got {len(text)}")
+        local = M.dart_select(keys, states, range(first, last + 1), text,
+                              self.params["pivot_image"], pt, count, self.run.margins)
+        return pos[local].tolist()
+
+    # ------------------------------------------------------------ per-layer arguments
+
+    def _kwargs(self, st: _Stage | None, kw: dict, prefill: bool, h: torch.Tensor) -> dict:
+        if st is None:
+            return kw
+        kw = dict(kw)
+        B, W = st.gather.shape
+        pos = kw.get("position_ids")
+        mask = kw.get("attention_mask")
+        if kw.get("position_embeddings") is not None:
+            raise NotImplementedError("in-LLM pruning with precomputed position embeddings "
+                                      "(transformers >= 4.48) is not supported yet")
+        if prefill:
+            if pos is not None:
+                p = pos.expand(B, -1).gather(1, st.gather)
+                if self.renumber:
+                    p = p - st.shift
+                kw["position_ids"] = p.masked_fill(st.filler, 1)
+            kw["attention_mask"] = _prefill_mask(mask, st, h.dtype)
+            if kw.get("cache_position") is not None:
+                kw["cache_position"] = torch.arange(W, device=st.gather.device)
+            return kw
+        if pos is not None and self.renumber:
+            kw["position_ids"] = pos - st.total[:, None]
+        kv = st.length + self.run.decoded
+        kw["attention_mask"] = _decode_mask(mask, st, kv, h.dtype)
+        if kw.get("cache_position") is not None:
+            kw["cache_position"] = kw["cache_position"] - (st.length - W)
+        return kw
+
+
+# ---------------------------------------------------------------- helpers
+
+def _cache_length(kw) -> int:
+    cache = kw.get("past_key_value", kw.get("past_key_values"))
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length(0))
+    return cache[0][0].shape[-2] if len(cache) else 0  # legacy tuples
+
+def _whole_table(forward):
+    def rope(self, x, seq_len=None):
+        return forward(x, seq_len=max(seq_len or 0, self.max_seq_len_cached))
+    return rope
+
+
+def _qk(layer, h, kw):
+    """The layer's post-RoPE queries `[B, H, L, d]` and keys (repeated to H heads)."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(h)
+    B, L, _ = x.shape
+    d = attn.head_dim
+    q = attn.q_proj(x).view(B, L, -1, d).transpose(1, 2)
+    k = attn.k_proj(x).view(B, L, -1, d).transpose(1, 2)
+    mod = sys.modules[type(attn).__module__]
+    pos = kw["position_ids"]
+    cos, sin = attn.rotary_emb(k, seq_len=int(pos.max()) + 1)
+    q, k = mod.apply_rotary_pos_emb(q, k, cos, sin, pos)
+    return q, k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+
+
+def _inverse(st: _Stage | None, B: int, L: int, device) -> torch.Tensor:
+    """`[B, L]`: where each original position sits in the current sequence."""
+    if st is None:
+        return torch.arange(L, device=device)[None].expand(B, L)
+    inv = torch.zeros(B, L, dtype=torch.long, device=device)
+    idx = torch.arange(st.gather.shape[1], device=device).expand_as(st.gather)
+    return inv.scatter(1, st.gather, idx.masked_fill(st.filler, 0))
+
+
+def _blocked(mask):
+    return False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
+
+
+def _prefill_mask(mask, st: _Stage, dtype):
+    B, W = st.gather.shape
+    fill = st.filler.any()
+    if mask is None:
+        if not fill:
+            return None
+        mask = torch.full((W, W), torch.finfo(dtype).min, dtype=dtype).triu(1)
+        mask = mask.to(st.gather.device)[None, None].expand(B, 1, W, W).clone()
+    else:
+        g = st.gather[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[3])
+        mask = mask.gather(2, g)
+        mask = mask.gather(3, st.gather[:, None, None, :].expand(-1, mask.shape[1], W, -1))
+    if fill:
+        eye = torch.eye(W, dtype=torch.bool, device=mask.device)
+        mask = mask.masked_fill(st.filler[:, None, None, :], _blocked(mask))
+        mask = mask.masked_fill(st.filler[:, None, :, None] & eye, 0 if mask.dtype != torch.bool
+                                else True)
+    return mask
+
+
+def _decode_mask(mask, st: _Stage, kv: int, dtype):
+    B, W = st.gather.shape
+    fill = st.filler.any()
+    new = torch.arange(st.length, kv, device=st.gather.device)[None].expand(B, -1)
+    cols = torch.cat([st.gather, new], 1)
+    if mask is None:
+        if not fill:
+            return None
+        mask = torch.zeros(B, 1, 1, cols.shape[1], dtype=dtype, device=cols.device)
+    else:
+        if mask.shape[-1] != kv:
+            raise RuntimeError(f"in-LLM pruning expected a {kv}-column attention mask in "
+                               f"decoding, got {mask.shape[-1]}")
+        mask = mask.gather(3, cols[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1))
+    if fill:
+        cf = torch.cat([st.filler, torch.zeros_like(new, dtype=torch.bool)], 1)
+        mask = mask.masked_fill(cf[:, None, None, :], _blocked(mask))
+    return mask

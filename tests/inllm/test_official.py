@@ -1,0 +1,103 @@
+"""FastV, PDrop and DART equal their authors' code on a tiny random LLaMA (transformers 4.37).
+
+The golden file was written by `record_official.py` from the official checkouts (commits inside
+it); here `llava_agile.inllm.Engine` runs on a stock `LlamaModel` with the same weights and inputs
+in float64. Kept positions must be equal wherever the choice is decided by more than round-off
+(every cut-off margin is asserted); hidden states agree up to LLaMA's float32 RMSNorm rounding.
+"""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import tiny_llm as T
+from llava_agile.inllm.engine import Engine
+
+GOLDEN = json.loads((Path(__file__).parent / "golden" / "official.json").read_text())
+# FastV's and PDrop's scores are float32 softmax probabilities (~1e-3; float32 ulp ~1e-10),
+# DART's float64 similarities of float32-rounded (RMSNorm) states: 1e-7 is far above what a CPU's
+# round-off can move either.
+MARGIN = {"fastv": 1e-9, "pdrop": 1e-9, "dart": 1e-7}
+HIDDEN_TOL = 1e-6   # float32 RMSNorm inside the float64 model (FastV's official run also calls
+                    # layer K-1 twice, duplicating its cache)
+
+
+def _case(name, c):
+    if name == "fastv":
+        return c["keep"], dict(layer=c["layer"])
+    if name == "dart":
+        pi, pt = c.get("pivot_image", 4), c.get("pivot_text", 4)
+        return pi + (pi + pt) * (c["max_num_trunction"] // (pi + pt)), \
+            dict(layer=c["layer"], pivot_image=pi, pivot_text=pt)
+    return 64, dict(layers=tuple(c["layers"]), ratios=tuple(c["ratios"]))
+
+
+def run_ours(method, keep, params, attn="sdpa"):
+    model = LlamaModel_(attn)
+    eng = Engine(model.layers, method, keep, params, norm=model.norm)
+    x, embed = T.inputs()
+    eng.begin([[range(T.PREFIX, T.PREFIX + T.IMAGE)]], torch.ones(1, T.LENGTH, dtype=torch.bool))
+    with torch.no_grad():
+        out = model(inputs_embeds=x, use_cache=True, return_dict=False)
+        cache = [out[1]]
+
+        def step(e):
+            o = model(inputs_embeds=e, past_key_values=cache[0], use_cache=True,
+                      return_dict=False)
+            cache[0] = o[1]
+            return o[0][0, -1]
+        tokens, hidden = T.greedy(step, out[0][0, -1], embed)
+    return eng, out[0][0, -1], tokens, hidden
+
+
+def LlamaModel_(attn="sdpa"):
+    from transformers import LlamaModel
+    cfg = T.config()
+    cfg._attn_implementation = attn
+    model = LlamaModel(cfg).double().eval()
+    model.load_state_dict(T.weights())
+    return model
+
+
+CASES = [(name, i) for name in ("fastv", "dart", "pdrop") for i in range(len(GOLDEN[name]["cases"]))]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("name,i", CASES)
+def test_equals_official_code(name, i, attn):
+    """The official runs used SDPA (their scripts' setting); the engine gives the same with the
+    LLM on eager attention (4-D masks in prefill and decoding)."""
+    gold = GOLDEN[name]["cases"][i]
+    keep, params = _case(name, gold["case"])
+    # transformers 4.37's eager masks: torch.full(finfo(float64).min) in the default dtype
+    torch.set_default_dtype(torch.float64)
+    try:
+        eng, last, tokens, hidden = run_ours(name, keep, params, attn)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert min(eng.last.margins) > MARGIN[name], "a choice too close to call on this input"
+    want = {int(k): [p - T.PREFIX for p in v if T.PREFIX <= p < T.PREFIX + T.IMAGE]
+            for k, v in gold["kept"].items()}
+    got = dict(zip(eng.prune_layers, eng.last.kept[0][0]))
+    assert got == want
+    # the text around the image is never dropped: the official layers saw exactly these rows
+    for layer, kept in gold["kept"].items():
+        assert len(kept) == T.PREFIX + len(want[int(layer)]) + T.TEXT
+    torch.testing.assert_close(last, torch.tensor(gold["last_hidden"], dtype=torch.float64),
+                               rtol=0, atol=HIDDEN_TOL)
+    for h, g in zip(hidden, gold["decode_hidden"]):
+        torch.testing.assert_close(h, torch.tensor(g, dtype=torch.float64), rtol=0, atol=HIDDEN_TOL)
+    _, embed = T.inputs()
+    for h in [last] + hidden[:-1]:
+        top2 = (h @ embed.T).topk(2).values
+        assert top2[0] - top2[1] > 1e-3
+    assert tokens == gold["tokens"]
+
+
+def test_golden_names_the_commits():
+    assert GOLDEN["fastv"]["commit"] == "d1659729b5bf1be225e99ee15783deeea80f63b1"
+    assert GOLDEN["pdrop"]["commit"] == "6444f304aee4b7edcb022839fb9e8cd07859704a"
+    assert GOLDEN["dart"]["commit"] == "983e443ebb41fac8db19829499fe388c87885b58"
+    # FastV's lmms-eval file as published (K=3, ratio 0.5) is one of the cases
+    assert GOLDEN["fastv"]["cases"][0]["case"] == dict(layer=3, keep=288, source_as_is=True)
