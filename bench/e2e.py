@@ -15,10 +15,15 @@ For each batch size (default 1 and 8) it times, as the median of repeated runs a
   next to the roofline bound max(FLOPs / peak, bytes / bandwidth) of each length, with the
   datasheet's peak and bandwidth (flags) and with this card's measured matmul and copy rates;
 - time to first token through LLaVA's forward (images in, first token out), unpruned vs
-  `enable(model, "adaptive", K)`, with peak memory; decode tokens/s after each prefill.
+  `enable(model, "adaptive", K)`, with peak memory; decode tokens/s after each prefill;
+- the in-LLM methods (FastV layer 2, PDrop layers 2/8/16, DART layer 2) against adaptive and no
+  pruning at equal average image tokens per decoder layer (the `--keeps` values): TTFT, speedup,
+  and their pruning step (attention row / keys and selection) as a share of the TTFT and of one
+  decoder layer.
 
     python bench/e2e.py --json out/e2e.json          # GPU, fp16, full size
     python bench/e2e.py --tiny --json /tmp/e2e.json  # same code, CPU, fp32, tiny shapes (CI)
+    python bench/e2e.py --reduced --batches 1        # CPU, the 7B's depth at width 256
 """
 from __future__ import annotations
 
@@ -54,6 +59,14 @@ SHAPES = {
                     num_attention_heads=4, image_size=336, patch_size=14, projection_dim=64,
                     hidden_act="quick_gelu", layer_norm_eps=1e-5),
         llm=dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
+                 rms_norm_eps=1e-5)),
+    # the 7B's depth (in-LLM pruning layers mean the same) at a width a CPU runs in seconds
+    "reduced": dict(
+        vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                    num_attention_heads=4, image_size=336, patch_size=14, projection_dim=64,
+                    hidden_act="quick_gelu", layer_norm_eps=1e-5),
+        llm=dict(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=32,
                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
                  rms_norm_eps=1e-5)),
 }
@@ -455,6 +468,55 @@ def ttft_stage(model, images, ids, full, keeps, method, timer):
     return res
 
 
+def inllm_calls(budgets, full, layers):
+    """{(method, budget): (method, keep, params)}: the in-LLM methods at each average budget
+    (README budgets table: FastV layer 2, PDrop layers 2/8/16, DART layer 2) and adaptive."""
+    from llava_agile.inllm import DEFAULTS, keep_for_average
+    plans = {"fastv": dict(layer=2), "pdrop": dict(layers=(2, 8, 16), ratios=None),
+             "dart": dict(DEFAULTS["dart"])}
+    out = {}
+    for b in budgets:
+        out[("adaptive", b)] = ("adaptive", b, {})
+        for m, p in plans.items():
+            if max(p.get("layers", (p.get("layer", 0),))) >= layers:
+                continue
+            try:
+                keep = keep_for_average(m, b, p, full, layers)
+            except ValueError:   # the layers before the pruning one alone exceed the budget
+                continue
+            out[(m, b)] = (m, keep, {k: v for k, v in p.items() if v is not None})
+    return out
+
+
+def inllm_stage(model, images, ids, full, budgets, timer):
+    """TTFT at equal average image tokens per decoder layer: no pruning, adaptive (before the
+    LLM) and FastV / PDrop / DART (inside it); their pruning step's share of the TTFT and of one
+    decoder layer."""
+    from llava_agile import disable, enable
+
+    def first_token():
+        return model(input_ids=ids, images=images, use_cache=True).logits[:, -1].argmax(-1)
+
+    layers = model.config.num_hidden_layers
+    disable(model)
+    base = timer.run(first_token)
+    res = {"none": dict(base, avg_tokens=full)}
+    for (m, b), (method, keep, params) in inllm_calls(budgets, full, layers).items():
+        enable(model, method, keep, **params)
+        try:
+            row = timer.run(first_token)
+            stats = model.agile_stats
+        finally:
+            disable(model)
+        st = stats[0]
+        step = sum(x.get("prune_ms", 0.0) for x in stats)
+        res[f"{m}@{b}"] = dict(row, keep=keep, avg_tokens=st.get("avg_tokens", keep),
+                               speedup=base["ms"] / row["ms"], prune_ms=step,
+                               prune_share_of_ttft=step / row["ms"],
+                               prune_share_of_layer=step / (base["ms"] / layers))
+    return res
+
+
 def decode_stage(model, batch, lengths, text_tokens, steps, timer, device, dtype):
     """Greedy decode of `steps` tokens after a prefill of text + n visual tokens (untimed)."""
     d = model.config.hidden_size
@@ -551,6 +613,14 @@ def print_batch(b, sec, full):
                   f"{fmt(s.get('graph'), '6.2f')} {fmt(s.get('bound'), '6.2f')} "
                   f"{fmt(s.get('of_bound'), '6.2f')} {fmt(s.get('bound_measured'), '6.2f')} "
                   f"{fmt(s.get('of_bound_measured'), '6.2f')}")
+    if "inllm" in sec:
+        print(f"\n{'TTFT at avg budget':<18} {'keep':>5} {'avg/layer':>9} {'ms':>9} "
+              f"{'speedup':>7} {'prune ms':>8} {'% TTFT':>6} {'% layer':>7}")
+        for n, r in sec["inllm"].items():
+            print(f"{n:<18} {fmt(r.get('keep'), '5d')} {r['avg_tokens']:9.1f} {r['ms']:9.3f} "
+                  f"{fmt(r.get('speedup'), '7.2f')} {fmt(r.get('prune_ms'), '8.3f')} "
+                  f"{fmt(100 * r['prune_share_of_ttft'] if 'prune_ms' in r else None, '6.2f')} "
+                  f"{fmt(100 * r['prune_share_of_layer'] if 'prune_ms' in r else None, '7.2f')}")
     if "ttft" in sec:
         print(f"\n{'TTFT':<8} {'seq':>5} {'ms':>9} {'peak GiB':>9} {'speedup':>7}   "
               f"{'decode':<6} {'ms/step':>8} {'tok/s':>8}")
@@ -642,6 +712,13 @@ def run_batch(model, b, ctx):
                 **{str(k): a.text_tokens + k for k in ctx.keeps}}
         sec["checks"]["ttft_sequence_ok"] = all(tt[n]["sequence"] == t for n, t in want.items())
 
+    if model.config.num_hidden_layers > 2:
+        print(f"[batch {b}] in-LLM methods at equal average budgets", flush=True)
+        il = guarded(sec, "inllm", lambda: inllm_stage(model, images, ids, ctx.full, ctx.keeps,
+                                                        timer))
+        if il is not None:
+            sec["inllm"] = il
+
     print(f"[batch {b}] decode", flush=True)
     dec_lengths = [ctx.full] + ([a.keep] if a.keep in ctx.keeps else ctx.keeps[-1:])
     dec = guarded(sec, "decode", lambda: decode_stage(
@@ -664,6 +741,8 @@ def write_json(path, result):
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reduced", action="store_true",
+                   help="CPU, fp32: the 7B's 32 LLM layers at width 256 (in-LLM methods)")
     p.add_argument("--tiny", action="store_true",
                    help="tiny shapes, float32, on the CPU (what CI runs)")
     p.add_argument("--device", default=None, help="default: cuda (cpu with --tiny)")
@@ -692,10 +771,11 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", default=None, help="write all figures here")
     args = p.parse_args(argv)
-    args.device = args.device or ("cpu" if args.tiny else "cuda")
-    args.dtype = args.dtype or ("fp32" if args.tiny else "fp16")
-    args.warmup = (1 if args.tiny else 3) if args.warmup is None else args.warmup
-    args.repeat = (3 if args.tiny else 10) if args.repeat is None else args.repeat
+    small = args.tiny or args.reduced
+    args.device = args.device or ("cpu" if small else "cuda")
+    args.dtype = args.dtype or ("fp32" if small else "fp16")
+    args.warmup = (1 if small else 3) if args.warmup is None else args.warmup
+    args.repeat = (3 if small else 10) if args.repeat is None else args.repeat
     bad = [f"--batches {b}" for b in args.batches if b < 1] + \
           [f"--keeps {k}" for k in args.keeps if k < 1] + \
           [f"--{n.replace('_', '-')} {getattr(args, n)}" for n in
@@ -723,7 +803,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    shape = "tiny" if args.tiny else "7b"
+    shape = "tiny" if args.tiny else "reduced" if args.reduced else "7b"
     timer = Timer(device, args.warmup, args.repeat)
     dec_timer = Timer(device, min(args.warmup, 1), args.decode_repeat)
     graphs = device.type == "cuda" and not args.no_graphs
@@ -779,7 +859,7 @@ def main(argv=None) -> int:
         print_batch(b, sec, full)
     print("\nchecks:", json.dumps({b: s.get("checks") for b, s in result["batches"].items()}))
     where = result["meta"]["env"].get("gpu", result["meta"]["env"].get("cpu"))
-    print(f"\ntargets ({where}, {args.dtype}{', tiny: not meaningful' if args.tiny else ''}):")
+    print(f"\ntargets ({where}, {args.dtype}{', small shapes: not meaningful' if args.tiny or args.reduced else ''}):")
     for name, t in result["targets"].items():
         print(f"  {name:<40} {t['value']:8.3f}  {t['target']:<8} {'MET' if t['met'] else 'MISSED'}")
     if args.json:

@@ -159,7 +159,9 @@ class PruneConfig:
         check_method(self.method)
         self.keep = check_keep(self.keep)
         self.params = dict(self.params)
-        check_params(self.method, self.params, self.keep)
+        full = check_params(self.method, self.params, self.keep)
+        if self.method in inllm.METHODS:  # lists as tuples (PDrop's layers, ratios)
+            self.params = {k: full[k] for k in self.params}
         if self.feature_space is None:
             self.feature_space = "vision" if self.method == "visionzip" else "projected"
         if self.feature_space not in ("projected", "vision"):

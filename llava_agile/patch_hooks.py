@@ -4,7 +4,8 @@ patches so they stay small.
 
 With `LLAVA_AGILE_STATS_FILE` set, every `model.generate` call of a model loaded this way
 appends one flushed JSON line to that file: `{"images": n, "kept": [visual tokens kept per
-image], "prune_ms": [milliseconds of pruning per image], "s": seconds}`;
+image], "prune_ms": [milliseconds of pruning per image], "avg_tokens": [image tokens per decoder
+layer, averaged: `kept` unless the method prunes inside the LLM], "s": seconds}`;
 `LLAVA_AGILE_MAX_NEW_TOKENS` caps `max_new_tokens` (the eval driver sets both).
 """
 from __future__ import annotations
@@ -85,6 +86,8 @@ def log_generate(model, stats_file: str | None, max_new_tokens: int | None = Non
             out.write(json.dumps({"images": _n_images(kwargs.get("images")),
                                   "kept": [s.get("kept", s.get("tokens")) for s in stats],
                                   "prune_ms": [s.get("prune_ms") for s in stats],
+                                  "avg_tokens": [s.get("avg_tokens", s.get("kept", s.get(
+                                      "tokens"))) for s in stats],
                                   "s": round(seconds, 6)}) + "\n")
             out.flush()
         return result

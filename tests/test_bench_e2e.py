@@ -242,3 +242,23 @@ def test_measure_ceilings_counts_flops_and_bytes(monkeypatch):
     c = e2e.measure_ceilings("cpu", torch.float32, timer, n=64, copy_bytes=4096)
     assert c["matmul_tflops"] == pytest.approx(2 * 64 ** 3 / 2e-3 / 1e12)
     assert c["copy_bytes"] == 4096 and c["copy_tbs"] == pytest.approx(2 * 4096 / 0.5e-3 / 1e12)
+
+
+def test_inllm_stage_at_equal_average_budgets(monkeypatch):
+    """The in-LLM rows: each method's keep gives at most the budget's average per layer (the
+    README budgets table), and the stage times them against no pruning."""
+    calls = e2e.inllm_calls([192, 64], 576, 32)
+    assert calls[("fastv", 64)] == ("fastv", 29, {"layer": 2})
+    assert calls[("pdrop", 64)] == ("pdrop", 110, {"layers": (2, 8, 16)})
+    assert calls[("dart", 192)][1] == 164 and calls[("adaptive", 64)] == ("adaptive", 64, {})
+    llm = dict(e2e.SHAPES["tiny"]["llm"], num_hidden_layers=4)
+    monkeypatch.setitem(e2e.SHAPES, "tiny", dict(e2e.SHAPES["tiny"], llm=llm))
+    model = e2e.build_model("tiny", "cpu", torch.float32)
+    images, ids = e2e.make_inputs(model, 1, 60, "cpu", torch.float32, 0)
+    with torch.inference_mode():
+        res = e2e.inllm_stage(model, images, ids, 576, [400, 128], e2e.Timer("cpu", 0, 1))
+    # pdrop (layers 2, 8, 16) needs 17 layers; at 128 the first two layers alone average 288
+    assert set(res) == {"none", "adaptive@400", "fastv@400", "dart@400", "adaptive@128"}
+    for name, row in res.items():
+        assert row["ms"] > 0 and (name == "none" or row["avg_tokens"] <= int(name[-3:]))
+    assert 0 < res["fastv@400"]["prune_share_of_ttft"] < 1

@@ -6,6 +6,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import llava_agile
 from llava_agile import PruneConfig, select_tokens
 from llava_agile.methods import METHODS  # the tensor-level (pre-LLM) methods
 from llava_agile.config import parse_pruning_args
@@ -133,3 +134,19 @@ def test_config_drives_the_api():
     idx = select_tokens(x, a, cfg.keep, method=cfg.method, **cfg.params)
     assert idx.shape == (5,)
     assert torch.equal(idx, select_tokens(x, a, 5, method="adaptive", erank_avg=2.0, tau_max=0.5))
+
+
+@pytest.mark.parametrize("method,keep,params,text", [
+    ("fastv", 29, {"layer": 2}, "layer=2"),
+    ("dart", 132, {"layer": 2, "pivot_image": 4, "pivot_text": 4},
+     "layer=2,pivot_image=4,pivot_text=4"),
+    ("pdrop", 288, {"layers": (8, 16, 24), "ratios": (0.5, 0.25, 0.125)},
+     "layers=8/16/24,ratios=0.5/0.25/0.125")])
+def test_in_llm_configs(method, keep, params, text):
+    cfg = PruneConfig(method, keep, params)
+    d = cfg.to_dict()
+    assert PruneConfig(**json.loads(json.dumps(d))) == cfg   # JSON lists come back as tuples
+    assert PruneConfig.from_args(method, keep, text) == cfg
+    assert method in llava_agile.METHODS and method not in METHODS
+    with pytest.raises(ValueError, match="prunes inside the LLM"):
+        select_tokens(torch.randn(8, 4), torch.rand(8), 2, method=method)

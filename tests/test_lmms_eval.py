@@ -192,3 +192,24 @@ def test_pruning_error_on_one_rank_ends_the_run(env):
     assert rc != 0 and res is None, log[-3000:]
     assert "llava_agile: rank 1/2: generate_until failed; ending the run (exit 1)" in log
     assert "RuntimeError: injected pruning failure" in log
+
+
+def test_in_llm_method_generates_and_refuses_the_loss(env):
+    """FastV through `--model llava_agile` (a 4-layer tiny LLaVA): the LLM's prefill holds every
+    image token (they leave between its layers); a multiple-choice loss is refused clearly."""
+    from llava_agile.assets import build_tiny_llava
+
+    model = build_tiny_llava(str(env["root"] / "tiny-llava-4"), llm_layers=4)
+    out = env["root"] / "out-fastv"
+    rc, log, res = lmms(env, out, f"pretrained={model},pruning=fastv,keep={KEEP}")
+    assert rc == 0, log[-4000:]
+    text = text_tokens(model)
+    for r in samples(out, "tiny_agile_gen"):
+        assert r["token_counts"][0]["input_tokens"] == text + N_TOKENS
+    (folder,) = glob.glob(os.path.join(str(out), "*"))
+    with open(os.path.join(folder, "agile_stats.json")) as f:
+        gen = json.load(f)["summary"]["tiny_agile_gen"]
+    assert gen["kept_per_image_mean"] == gen["kept_per_image_max"] == KEEP
+    rc, log, _ = lmms(env, env["root"] / "out-fastv-mc", f"pretrained={model},pruning=fastv,"
+                      f"keep={KEEP}", tasks="tiny_agile_mc")
+    assert rc != 0 and "computing a loss is not supported" in log

@@ -279,3 +279,26 @@ def test_flags_build_the_config(tmp_path):
     args = parse_args_with_pruning(argparse.ArgumentParser(), ["--pruning", "none", "--keep", "5"])
     assert args.pruning_config.method == "none" and args.pruning_config.keep == 5
     assert parse_args_with_pruning(argparse.ArgumentParser(), []).pruning_config is None
+
+
+@pytest.mark.parametrize("method,extra,counts", [
+    ("fastv", None, [576, 576, 64, 64]), ("pdrop", "layers=1/3", [576, 64, 64, 7]),
+    ("dart", "layer=3", [576, 576, 576, 68])])
+def test_loader_in_llm_methods(setup, tmp_path, method, extra, counts, monkeypatch):
+    """FastV / PDrop / DART through LLaVA's eval module: the LLM gets every image token and
+    drops them between its decoder layers (a 4-layer tiny LLaVA)."""
+    from llava_agile.assets import build_tiny_llava
+
+    model = build_tiny_llava(str(tmp_path / "model"), llm_layers=4)
+    keep = 68 if method == "dart" else 64
+    answers, stats_file = str(tmp_path / "answers.jsonl"), str(tmp_path / "stats.jsonl")
+    monkeypatch.setenv("LLAVA_AGILE_STATS_FILE", stats_file)
+    flags = ["--pruning", method, "--keep", str(keep)] + (["--pruning-args", extra] if extra else [])
+    args = _loader_args(dict(setup, model=model), answers, *flags)
+    rc, out, err, data = run_probe(str(tmp_path), args)
+    assert rc == 0, err[-3000:]
+    _check_prefill(data["records"], N_TOKENS)          # the LLM's input: every image token
+    assert all(r["kept"] == [keep] for r in data["records"])
+    logged = _answers(stats_file)
+    assert [(x["kept"], x["avg_tokens"]) for x in logged] == [([keep], [sum(counts) / 4])] * 3
+    assert len(_answers(answers)) == 3

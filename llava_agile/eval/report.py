@@ -80,6 +80,11 @@ def _order(runs):
     return sorted(runs, key=lambda k: (k[0], k[1] != FULL_METHOD, k[1], -k[2]))
 
 
+TOKENS_NOTE = ("Tokens = `keep`: image tokens per image that the LLM layers after the pruning "
+               "point see (every layer for methods that prune before the LLM; FastV, PDrop and "
+               "DART prune inside it: see the README's budgets table for per-layer averages)")
+
+
 def markdown(runs, rel) -> str:
     cols = [c for _, _, c, _, _ in COLUMNS if any(c in r for r in runs.values())]
     out = []
@@ -88,7 +93,7 @@ def markdown(runs, rel) -> str:
         base = baselines(runs).get(model)
         note = (f"% of full = score / score of `{base[1]}` at {base[2]} tokens" if base
                 else "no full-token run (method none) found, so no % of full")
-        out += [f"## {model}", "", note, "",
+        out += [f"## {model}", "", note, "", TOKENS_NOTE, "",
                 "| Method | Tokens | " + " | ".join(cols) + " | " + " | ".join(AVG) + " |",
                 "|---|---:|" + "---:|" * (len(cols) + len(AVG))]
         for k in keys:

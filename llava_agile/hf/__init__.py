@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import warnings
 
+from .. import inllm
 from ..llava.runtime import as_config
 from ..methods import MERGING
 from . import model as _model
@@ -66,6 +67,7 @@ def enable(model, processor=None, method="adaptive", keep: int | None = None, *,
         raise ValueError(f"{type(model).__name__} is not a supported HF model; supported: "
                          f"{', '.join(SUPPORTED.values())}")
     cfg = as_config(method, keep, feature_space, anyres_mode, **params)
+    inllm.refuse(cfg.method, "transformers' LLaVA classes")
     if cfg.method in MERGING and kind == "llava_next":
         raise ValueError(f"method {cfg.method!r} merges tokens, which have no grid position, so "
                          f"it cannot run on LLaVA-NeXT (anyres) crops; pick an index method")

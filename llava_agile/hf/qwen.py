@@ -32,6 +32,7 @@ import warnings
 
 import torch
 
+from .. import inllm
 from ..llava.runtime import as_config
 from ..methods import MERGING
 from ..metrics import compute_dtype
@@ -357,6 +358,7 @@ def enable(model, processor=None, method="adaptive", keep: int | None = None, *,
         raise ValueError(f"attention_source={attention_source!r}: Qwen2.5-VL has no [CLS] token; "
                          f"supported: {', '.join(SOURCES)}")
     cfg = as_config(method, keep, feature_space, None, **params)
+    inllm.refuse(cfg.method, "transformers' Qwen2.5-VL")
     if cfg.method in MERGING:
         raise ValueError(f"method {cfg.method!r} merges tokens, which have no single (t, h, w) "
                          f"M-RoPE position (and visionzip needs a [CLS] layer's keys); pick an "

@@ -4,4 +4,12 @@ from .methods import (DEFAULTS, METHODS, average_tokens, check_params, keep_for_
                       layer_tokens, stages)
 
 __all__ = ["DEFAULTS", "METHODS", "average_tokens", "check_params", "keep_for_average",
-           "layer_tokens", "stages"]
+           "layer_tokens", "refuse", "stages"]
+
+
+def refuse(method: str, where: str) -> None:
+    """A clear error for an in-LLM method where it does not run yet."""
+    if method in METHODS:
+        raise ValueError(f"{method!r} prunes inside the LLM, which {where} does not support yet; "
+                         f"in-LLM methods run on LLaVA's own model (llava-torch, transformers "
+                         f"4.37.2) for now")

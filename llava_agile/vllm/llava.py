@@ -31,6 +31,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.parse import ImageEmbeddingItems
 
 from ..config import PruneConfig
+from ..inllm import METHODS as INLLM_METHODS
 from ..llava.attention import cls_attention_row
 from ..llava.runtime import as_config
 from ..selection import flat_tokens, needs_keys
@@ -54,6 +55,11 @@ def agile_config(hf_config) -> PruneConfig | None:
     else:
         raise ValueError(f"llava_agile: hf_overrides '{KEY}' must be a dict such as "
                          f"{{\"method\": \"adaptive\", \"keep\": 64}}, got {type(raw).__name__}")
+    if cfg.method in INLLM_METHODS:
+        raise ValueError(f"llava_agile: {cfg.method} prunes inside the LLM (fewer tokens from one "
+                         f"decoder layer on), which vLLM's paged KV cache (one length per sequence "
+                         f"for every layer) cannot hold; under vLLM use a method that prunes "
+                         f"before the LLM")
     if cfg.params.get("adaptive_count"):
         raise ValueError("llava_agile: adaptive_count=True is not possible under vLLM, which fixes "
                          "the number of image placeholders before the vision tower runs; drop "
