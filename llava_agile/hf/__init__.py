@@ -10,9 +10,10 @@ from __future__ import annotations
 import re
 import warnings
 
-from .. import inllm
+from ..inllm import METHODS as INLLM_METHODS
 from ..llava.runtime import as_config
 from ..methods import MERGING
+from . import llm as _inllm
 from . import model as _model
 from . import processor as _processor
 from .generate import generate
@@ -43,7 +44,8 @@ def check_transformers(version: str | None = None) -> tuple[int, int]:
 
 
 def is_enabled(model) -> bool:
-    return isinstance(getattr(model, "__dict__", {}).get("_agile_state"), _model.State)
+    return isinstance(getattr(model, "__dict__", {}).get("_agile_state"),
+                      (_model.State, _inllm.InLLMState))
 
 
 def enable(model, processor=None, method="adaptive", keep: int | None = None, *,
@@ -67,16 +69,21 @@ def enable(model, processor=None, method="adaptive", keep: int | None = None, *,
         raise ValueError(f"{type(model).__name__} is not a supported HF model; supported: "
                          f"{', '.join(SUPPORTED.values())}")
     cfg = as_config(method, keep, feature_space, anyres_mode, **params)
-    inllm.refuse(cfg.method, "transformers' LLaVA classes")
     if cfg.method in MERGING and kind == "llava_next":
         raise ValueError(f"method {cfg.method!r} merges tokens, which have no grid position, so "
                          f"it cannot run on LLaVA-NeXT (anyres) crops; pick an index method")
-    _processor.check(processor, model, kind)
+    if cfg.method not in INLLM_METHODS:   # in-LLM: the processor runs unchanged
+        _processor.check(processor, model, kind)
     if not hasattr(model, "model"):
         raise ValueError(f"{type(model).__name__} has no inner .model (LlavaModel, transformers "
                          f">= 4.52); install transformers=={TESTED[0]} or =={TESTED[1]}")
     if is_enabled(model):
         disable(model)
+    if cfg.method in INLLM_METHODS:   # every image token reaches the LLM: no processor patch
+        model._agile_state = _inllm.enable(model, cfg)
+        model.agile_config = cfg
+        model.agile_stats = []
+        return model
     state = _model.new_state(model, cfg, kind)
     state.fixed_count = not cfg.params.get("adaptive_count") and \
         (kind == "llava" or cfg.anyres_mode == "global")
@@ -96,6 +103,11 @@ def enable(model, processor=None, method="adaptive", keep: int | None = None, *,
 def disable(model, processor=None):
     """Undo `enable` on the model and on the processor it patched; returns the model."""
     state = getattr(model, "__dict__", {}).get("_agile_state")
+    if isinstance(state, _inllm.InLLMState):
+        _inllm.disable(model, model.__dict__.pop("_agile_state"))
+        for name in ("agile_config", "agile_stats"):
+            model.__dict__.pop(name, None)
+        return model
     if state is not None and not isinstance(state, _model.State):  # Qwen2.5-VL
         from . import qwen
         return qwen.disable(model, processor)

@@ -11,5 +11,5 @@ def refuse(method: str, where: str) -> None:
     """A clear error for an in-LLM method where it does not run yet."""
     if method in METHODS:
         raise ValueError(f"{method!r} prunes inside the LLM, which {where} does not support yet; "
-                         f"in-LLM methods run on LLaVA's own model (llava-torch, transformers "
-                         f"4.37.2) for now")
+                         f"in-LLM methods run on LLaVA's own model (llava-torch) and "
+                         f"transformers' LLaVA-1.5 / LLaVA-NeXT for now")

@@ -68,9 +68,12 @@ class _Run:
 
 
 class Engine:
-    def __init__(self, layers, method: str, keep: int, params: dict, norm=None, on_prefill=None):
-        """`layers`: the decoder layers; `norm`: the model's final norm (DART); `on_prefill`:
-        called with `stats()` after each pruned prefill."""
+    def __init__(self, layers, method: str, keep: int, params: dict, norm=None, rope=None,
+                 on_prefill=None):
+        """`layers`: the decoder layers; `norm`: the model's final norm (DART); `rope`: the
+        model's rotary module `rope(x, position_ids) -> (cos, sin)` where the layers get
+        precomputed `position_embeddings` (transformers >= 4.48); `on_prefill`: called with
+        `stats()` after each pruned prefill."""
         self.layers = list(layers)
         self.method, self.keep = method, keep
         self.params = M.check_params(method, keep, params)
@@ -87,6 +90,7 @@ class Engine:
             raise ValueError("dart needs the model's final norm")
         self.prune_layers, self.score_layers = prune, score
         self.norm = norm
+        self.rope = rope
         self.on_prefill = on_prefill
         self.renumber = method in M.RENUMBER
         self.run: _Run | None = None
@@ -205,19 +209,22 @@ class Engine:
         return ent, st.gather[b][ent]
 
     def _score(self, i, h, kw):
-        q, k = _qk(self.layers[i], h, kw)
+        """Per sample with images: the last real token's head-mean attention row over the
+        current sequence (FastV, PDrop) or the keys, heads concatenated (DART); real entries."""
+        run = self.run
+        ents = [self._cur(b)[0] if imgs else None for b, imgs in enumerate(run.images)]
+        last = torch.tensor([int(e[-1]) if e is not None else 0 for e in ents], device=h.device)
+        q, k = _qk(self.layers[i], h, kw, None if self.method == "dart" else last)
         out = []
-        for b, imgs in enumerate(self.run.images):
-            if not imgs:
+        for b, ent in enumerate(ents):
+            if ent is None:
                 out.append(None)
-                continue
-            ent, _ = self._cur(b)
-            if self.method == "dart":
+            elif self.method == "dart":
                 out.append(k[b].permute(1, 0, 2).reshape(k.shape[2], -1)[ent])
             else:
                 valid = torch.zeros(h.shape[1], dtype=torch.bool, device=h.device)
                 valid[ent] = True
-                out.append(M.attention_row(q[b, :, ent[-1]], k[b], valid)[ent])
+                out.append(M.attention_row(q[b], k[b], valid)[ent])
         return out
 
     def _prune(self, i, h):
@@ -274,6 +281,12 @@ class Engine:
 
     # ------------------------------------------------------------ per-layer arguments
 
+    def _rope(self, h, pos):
+        if self.rope is None:
+            raise RuntimeError("this LLM passes precomputed position embeddings: the engine "
+                               "needs its rotary module (rope=) to renumber positions")
+        return self.rope(h, pos)
+
     def _kwargs(self, st: _Stage | None, kw: dict, prefill: bool, h: torch.Tensor) -> dict:
         if st is None:
             return kw
@@ -281,21 +294,25 @@ class Engine:
         B, W = st.gather.shape
         pos = kw.get("position_ids")
         mask = kw.get("attention_mask")
-        if kw.get("position_embeddings") is not None:
-            raise NotImplementedError("in-LLM pruning with precomputed position embeddings "
-                                      "(transformers >= 4.48) is not supported yet")
+        rope = kw.get("position_embeddings")
         if prefill:
             if pos is not None:
                 p = pos.expand(B, -1).gather(1, st.gather)
                 if self.renumber:
                     p = p - st.shift
                 kw["position_ids"] = p.masked_fill(st.filler, 1)
+            if rope is not None:
+                kw["position_embeddings"] = self._rope(h, kw["position_ids"]) if self.renumber \
+                    else tuple(t.expand(B, -1, -1).gather(
+                        1, st.gather[..., None].expand(-1, -1, t.shape[-1])) for t in rope)
             kw["attention_mask"] = _prefill_mask(mask, st, h.dtype)
             if kw.get("cache_position") is not None:
                 kw["cache_position"] = torch.arange(W, device=st.gather.device)
             return kw
         if pos is not None and self.renumber:
             kw["position_ids"] = pos - st.total[:, None]
+            if rope is not None:
+                kw["position_embeddings"] = self._rope(h, kw["position_ids"])
         kv = st.length + self.run.decoded
         kw["attention_mask"] = _decode_mask(mask, st, kv, h.dtype)
         if kw.get("cache_position") is not None:
@@ -306,7 +323,10 @@ class Engine:
 # ---------------------------------------------------------------- helpers
 
 def _cache_length(kw) -> int:
-    cache = kw.get("past_key_value", kw.get("past_key_values"))
+    """Layer 0's KV length: the cache is `past_key_value` (transformers 4.37),
+    `past_key_values` (4.57) or `cache` (5.x)."""
+    cache = next((kw[k] for k in ("past_key_value", "past_key_values", "cache")
+                  if kw.get(k) is not None), None)
     if cache is None:
         return 0
     if hasattr(cache, "get_seq_length"):
@@ -319,19 +339,33 @@ def _whole_table(forward):
     return rope
 
 
-def _qk(layer, h, kw):
-    """The layer's post-RoPE queries `[B, H, L, d]` and keys (repeated to H heads)."""
+def _qk(layer, h, kw, rows=None):
+    """The layer's post-RoPE keys `[B, H, L, d]` (repeated to H heads) and, for `rows` (`[B]`
+    sequence indices, one per sample), its queries there `[B, H, d]` (else None)."""
     attn = layer.self_attn
     x = layer.input_layernorm(h)
     B, L, _ = x.shape
     d = attn.head_dim
-    q = attn.q_proj(x).view(B, L, -1, d).transpose(1, 2)
     k = attn.k_proj(x).view(B, L, -1, d).transpose(1, 2)
-    mod = sys.modules[type(attn).__module__]
-    pos = kw["position_ids"]
-    cos, sin = attn.rotary_emb(k, seq_len=int(pos.max()) + 1)
-    q, k = mod.apply_rotary_pos_emb(q, k, cos, sin, pos)
-    return q, k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    q = None
+    if rows is not None:
+        xr = x.gather(1, rows[:, None, None].expand(-1, 1, x.shape[2]))
+        q = attn.q_proj(xr).view(B, 1, -1, d).transpose(1, 2)
+    rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    if kw.get("position_embeddings") is not None:    # transformers >= 4.48
+        cos, sin = (t.expand(B, -1, -1) for t in kw["position_embeddings"])
+        k = rope(k, k, cos, sin)[0]
+        if q is not None:
+            at = rows[:, None, None].expand(-1, 1, cos.shape[-1])
+            q = rope(q, q, cos.gather(1, at), sin.gather(1, at))[0]
+    else:                                            # 4.37: each attention's own table
+        pos = kw["position_ids"].expand(B, -1)
+        cos, sin = attn.rotary_emb(k, seq_len=int(pos.max()) + 1)
+        k = rope(k, k, cos, sin, pos)[0]
+        if q is not None:
+            q = rope(q, q, cos, sin, pos.gather(1, rows[:, None]))[0]
+    k = k.repeat_interleave(attn.num_key_value_groups, dim=1)   # as repeat_kv
+    return (None if q is None else q[:, :, 0]), k
 
 
 def _inverse(st: _Stage | None, B: int, L: int, device) -> torch.Tensor:

@@ -4,7 +4,8 @@
     .venv/bin/python tests/hf/orig_reference.py OUT_DIR
 
 Builds the tiny random LLaVA-1.5 and LLaVA-NeXT (`llava_agile.assets.build_tiny_llava`) under
-OUT_DIR, runs every method through `llava_agile.enable` (every anyres mode on NeXT) with greedy
+OUT_DIR, runs every method through `llava_agile.enable` (every anyres mode on NeXT; the in-LLM
+methods of INLLM once per image) with greedy
 decoding, in float64 and in float32 (LLaVA's builder loads float16 weights; both runs use those
 values), and saves OUT_DIR/reference.pt: the pixel values LLaVA's preprocessing made, the prompt
 ids (-200 = the image), and per dtype and run the kept indices, the LLM's prefill embeddings, the
@@ -24,6 +25,8 @@ torch.set_num_threads(1)
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 KEEP = 24
 NEW_TOKENS = 4
+INLLM = [("fastv", KEEP, dict(layer=1)), ("dart", 28, dict(layer=1)),
+         ("pdrop", KEEP, dict(layers=(1,)))]
 IMAGES_15 = [dict(seed=0, size=(336, 336), kind="shapes"), dict(seed=1, size=(336, 336), kind="noise")]
 IMAGES_NEXT = [dict(seed=3, size=(500, 300), kind="shapes"), dict(seed=4, size=(640, 640), kind="noise")]
 
@@ -95,7 +98,7 @@ def run_family(model, tokenizer, processor, family, images, ref, dtype_name):
         size = img.size if family == "llava_next" else None
         pix.append({"pixel_values": x.clone(), "size": img.size})
         ids = run_model(model, tokenizer, x, size, runs, (i, "unpatched", None))
-        for method in llava_agile.METHODS:
+        for method in llava_agile.methods.METHODS:   # before the LLM (in-LLM: below)
             if family == "llava_next" and method in MERGING:  # refused on NeXT
                 continue
             for mode in modes:
@@ -105,6 +108,12 @@ def run_family(model, tokenizer, processor, family, images, ref, dtype_name):
                     run_model(model, tokenizer, x, size, runs, (i, method, mode))
                 finally:
                     llava_agile.disable(model)
+        for method, keep, params in INLLM:   # inside the LLM (the tiny LLaMA has 2 layers)
+            llava_agile.enable(model, method, keep, **params)
+            try:
+                run_model(model, tokenizer, x, size, runs, (i, method, None))
+            finally:
+                llava_agile.disable(model)
     # adaptive_count=True: erank_avg between the two images' eranks, so their K differ
     e = [runs[(i, "adaptive", modes[0])]["stats"][0]["erank"] for i in range(len(images))]
     avg = sum(e) / len(e)

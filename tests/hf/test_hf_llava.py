@@ -102,7 +102,7 @@ def image_rows(st, st0, method):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("method", llava_agile.METHODS)
+@pytest.mark.parametrize("method", llava_agile.methods.METHODS)  # before the LLM
 def test_every_method_matches_the_original(hf, reference, method, dtype):
     model, processor, _ = hf(FAMILY, dtype)
     ref = reference[FAMILY]

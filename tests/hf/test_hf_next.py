@@ -18,7 +18,7 @@ from conftest import DTYPES, TOL, check_stats, same_greedy  # noqa: E402
 from orig_reference import IMAGES_NEXT  # noqa: E402
 
 FAMILY = "llava_next"
-INDEX_METHODS = [m for m in llava_agile.METHODS if m not in MERGING]
+INDEX_METHODS = [m for m in llava_agile.methods.METHODS if m not in MERGING]
 
 
 def hf_ids(ref, count, token):

@@ -94,7 +94,9 @@ def test_config_is_validated_by_pruneconfig():
     assert kept_count(agile_config(cfg), 576, "default") == 576
     for bad, words in (({"method": "nope"}, "unknown pruning method"), ({"keep": 0}, "keep"),
                        ({"adaptive_count": True}, "adaptive_count=True is not possible"),
-                       ("adaptive", "must be a dict")):
+                       ("adaptive", "must be a dict"),
+                       ({"method": "fastv", "keep": 64}, "paged KV cache"),
+                       ({"method": "dart", "keep": 132}, "prunes inside the LLM")):
         cfg.agile = bad
         with pytest.raises(ValueError, match="llava_agile") as e:
             agile_config(cfg)

@@ -1,0 +1,76 @@
+"""transformers' LLaVA-1.5 / LLaVA-NeXT with a method that prunes inside the LLM (FastV, PDrop,
+DART): the shared engine (`llava_agile.inllm.engine`) on the language model's decoder layers,
+told where the images are by an instance-level `forward` that reads the image placeholders of
+each prefill. The processor and the vision side run unchanged (every image token reaches the
+LLM)."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..inllm.engine import Engine
+
+
+class InLLMState:
+    def __init__(self, engine: Engine, forward_saved):
+        self.engine = engine
+        self.forward_saved = forward_saved
+        self.processor = None   # nothing of the processor is patched
+
+
+def image_spans(ids: torch.Tensor, token: int) -> list[list[range]]:
+    """Per sample, the runs of image placeholders (one per image)."""
+    out = []
+    for row in ids:
+        runs = []
+        for p in (row == token).nonzero()[:, 0].tolist():
+            if runs and runs[-1][1] == p:
+                runs[-1][1] = p + 1
+            else:
+                runs.append([p, p + 1])
+        out.append([range(a, z) for a, z in runs])
+    return out
+
+
+def _cache_empty(cache) -> bool:
+    return cache is None or (hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0)
+
+
+def enable(model, cfg) -> InLLMState:
+    lm = model.model.language_model
+    token = getattr(model.config, "image_token_id", None)
+    if token is None:
+        token = model.config.image_token_index
+
+    def on_prefill(stats):
+        model.agile_stats = [row for sample in stats for row in sample]
+
+    engine = Engine(lm.layers, cfg.method, cfg.keep, cfg.params, norm=lm.norm,
+                    rope=getattr(lm, "rotary_emb", None), on_prefill=on_prefill)
+    orig = model.forward
+
+    @functools.wraps(orig)   # generate inspects forward's parameters (logits_to_keep, ...)
+    def forward(*args, **kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and ids.shape[1] > 1 and _cache_empty(kwargs.get("past_key_values")):
+            if kwargs.get("labels") is not None:
+                raise ValueError(f"{cfg.method} prunes inside the LLM, which shortens the "
+                                 f"sequence the labels describe: computing a loss is not "
+                                 f"supported")
+            mask = kwargs.get("attention_mask")
+            valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+            engine.begin(image_spans(ids, token), valid)
+        return orig(*args, **kwargs)
+
+    state = InLLMState(engine, model.__dict__.get("forward"))
+    model.forward = forward
+    return state
+
+
+def disable(model, state: InLLMState) -> None:
+    state.engine.remove()
+    if state.forward_saved is None:
+        model.__dict__.pop("forward", None)
+    else:
+        model.forward = state.forward_saved
