@@ -13,7 +13,7 @@ DEFAULT_ASSETS = "out/assets"
 
 def _methods(values) -> list[str]:
     """`--methods a b` or `--methods a,b`; 'all' means every method."""
-    from ..config import check_method
+    from ..config import check_selection_method as check_method  # in-LLM: no analysis yet
 
     out = [m.strip() for v in values for m in v.split(",") if m.strip()]
     out = list(METHODS) if out == ["all"] else out

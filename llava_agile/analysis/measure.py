@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import PruneConfig, check_keep, check_method, load_erank_avg, parse_pruning_args
+from ..config import PruneConfig, check_keep, load_erank_avg, parse_pruning_args
+from ..config import check_selection_method as check_method  # in-LLM: no analysis yet
 from ..methods import MERGING, REGISTRY
 
 RANDOM_PROJECTOR_MARKER = "tiny_llava.json"   # written by llava_agile.assets.build_tiny_llava

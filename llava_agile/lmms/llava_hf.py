@@ -28,6 +28,7 @@ from lmms_eval.api.instance import GenerationResult
 from lmms_eval.api.model import lmms
 from lmms_eval.models.simple.llava_hf import DEFAULT_IMAGE_TOKEN, VICUNA_CHAT_TEMPLATE, LlavaHf
 
+from ..inllm import METHODS as INLLM_METHODS
 from .common import AgileLmms, generated_tokens
 
 FAMILIES = {"llava": "LlavaForConditionalGeneration",
@@ -51,6 +52,10 @@ class LlavaHfAgile(AgileLmms, LlavaHf):
         lmms.__init__(self)
         cfg = self._check_args(unknown, pruning, keep, pruning_args, erank_avg_file, dtype,
                                batch_size, device_map)
+        if cfg is not None and cfg.method in INLLM_METHODS:
+            raise ValueError(f"llava_hf_agile: {cfg.method} prunes inside the LLM, which this "
+                             f"model does not support yet; use --model llava_agile (LLaVA's own "
+                             f"model) for it")
         if int(batch_size) != 1:
             raise ValueError(f"llava_hf_agile: --batch_size must be 1 (as lmms-eval's llava_hf), "
                              f"got {batch_size}")

@@ -200,6 +200,7 @@ def test_llava_next_shared_mode(env):
     ("keep=32", "keep given without pruning=METHOD"),
     ("pruning=adaptive,kepp=32", "unknown --model_args kepp"),
     ("pruning=adaptive,batch_size=2", "--batch_size must be 1"),
+    ("pruning=fastv,keep=24", "use --model llava_agile"),
 ])
 def test_bad_model_args_one_clear_error(bad, message):
     from lmms_eval.models import get_model
