@@ -6,7 +6,8 @@ where each sample's images sit; the engine then, inside the layer loop the frame
 
 - at a method's score layer, computes what the method ranks by from that layer's input and its
   own modules (`input_layernorm`, `q_proj`, `k_proj`, rotary): the last prompt token's attention
-  row or the keys; the LLM itself keeps its attention implementation (SDPA, eager, FlashAttention);
+  row or the keys; the LLM itself keeps its attention implementation (SDPA, eager; 2-D
+  FlashAttention-2 masks too);
 - at a pruning layer, gathers the kept tokens of the hidden states; every later layer gets the
   position ids (original ones, or renumbered for PDrop), 4-D attention mask and cache positions
   of the kept tokens, so each layer's KV cache holds exactly the tokens that layer saw;
@@ -58,7 +59,7 @@ class _Run:
         self.stage = None       # current stage (None: every token)
         self.layer_stage = {}   # layer -> stage it saw (decode)
         self.saved = {}
-        self.kept = [[[] for _ in imgs] for imgs in images]  # per image: counts per stage
+        self.kept = [[[] for _ in imgs] for imgs in images]  # per image, per stage: kept ones
         self.replay = replay    # alive masks to reuse (no scoring)
         self.replays = []       # alive masks of each pruning layer (what replay() reuses)
         self.margins = []       # each selection's gap at its cut-off (tests check them)
@@ -93,6 +94,9 @@ class Engine:
         self.rope = rope
         self.on_prefill = on_prefill
         self.renumber = method in M.RENUMBER
+        attn = self.layers[0].self_attn
+        impl = getattr(getattr(attn, "config", None), "_attn_implementation", None) or ""
+        self.flash = impl.startswith("flash") or "Flash" in type(attn).__name__  # 2-D masks
         self.run: _Run | None = None
         self.last: _Run | None = None
         self._replay = False
@@ -305,7 +309,7 @@ class Engine:
                 kw["position_embeddings"] = self._rope(h, kw["position_ids"]) if self.renumber \
                     else tuple(t.expand(B, -1, -1).gather(
                         1, st.gather[..., None].expand(-1, -1, t.shape[-1])) for t in rope)
-            kw["attention_mask"] = _prefill_mask(mask, st, h.dtype)
+            kw["attention_mask"] = _prefill_mask(mask, st, h.dtype, self.flash)
             if kw.get("cache_position") is not None:
                 kw["cache_position"] = torch.arange(W, device=st.gather.device)
             return kw
@@ -314,7 +318,7 @@ class Engine:
             if rope is not None:
                 kw["position_embeddings"] = self._rope(h, kw["position_ids"])
         kv = st.length + self.run.decoded
-        kw["attention_mask"] = _decode_mask(mask, st, kv, h.dtype)
+        kw["attention_mask"] = _decode_mask(mask, st, kv, h.dtype, self.flash)
         if kw.get("cache_position") is not None:
             kw["cache_position"] = kw["cache_position"] - (st.length - W)
         return kw
@@ -381,9 +385,16 @@ def _blocked(mask):
     return False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
 
 
-def _prefill_mask(mask, st: _Stage, dtype):
+def _prefill_mask(mask, st: _Stage, dtype, flat=False):
+    """The kept rows and columns of the prefill's mask: 4-D (additive or boolean), or 2-D
+    padding masks (`flat`: FlashAttention-2); fillers are attended by nobody."""
     B, W = st.gather.shape
     fill = st.filler.any()
+    if flat or (mask is not None and mask.dim() == 2):
+        if mask is None and not fill:
+            return None
+        mask = st.gather.new_ones(B, st.length) if mask is None else mask
+        return mask.gather(1, st.gather).masked_fill(st.filler, 0)
     if mask is None:
         if not fill:
             return None
@@ -401,11 +412,18 @@ def _prefill_mask(mask, st: _Stage, dtype):
     return mask
 
 
-def _decode_mask(mask, st: _Stage, kv: int, dtype):
+def _decode_mask(mask, st: _Stage, kv: int, dtype, flat=False):
+    """A decoding step's mask over this layer's cache (its kept prefill tokens, then the new)."""
     B, W = st.gather.shape
     fill = st.filler.any()
     new = torch.arange(st.length, kv, device=st.gather.device)[None].expand(B, -1)
     cols = torch.cat([st.gather, new], 1)
+    cf = torch.cat([st.filler, torch.zeros_like(new, dtype=torch.bool)], 1)
+    if flat or (mask is not None and mask.dim() == 2):
+        if mask is None and not fill:
+            return None
+        mask = cols.new_ones(B, kv) if mask is None else mask
+        return mask.gather(1, cols).masked_fill(cf, 0)
     if mask is None:
         if not fill:
             return None
@@ -416,6 +434,5 @@ def _decode_mask(mask, st: _Stage, kv: int, dtype):
                                f"decoding, got {mask.shape[-1]}")
         mask = mask.gather(3, cols[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1))
     if fill:
-        cf = torch.cat([st.filler, torch.zeros_like(new, dtype=torch.bool)], 1)
         mask = mask.masked_fill(cf[:, None, None, :], _blocked(mask))
     return mask

@@ -101,3 +101,28 @@ def test_golden_names_the_commits():
     assert GOLDEN["dart"]["commit"] == "983e443ebb41fac8db19829499fe388c87885b58"
     # FastV's lmms-eval file as published (K=3, ratio 0.5) is one of the cases
     assert GOLDEN["fastv"]["cases"][0]["case"] == dict(layer=3, keep=288, source_as_is=True)
+
+
+def test_masks_two_and_four_dimensional():
+    """FlashAttention-2 layers take 2-D padding masks, SDPA / eager 4-D ones: a stage's masks
+    in both forms select the same kept columns; fillers are attended by nobody."""
+    from llava_agile.inllm.engine import _decode_mask, _prefill_mask, _Stage
+
+    valid = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    alive = torch.tensor([[1, 1, 0, 1, 0, 1], [1, 0, 1, 1, 1, 1]], dtype=torch.bool)
+    st = _Stage(alive, valid)
+    assert st.gather.tolist() == [[0, 0, 1, 3, 5], [0, 2, 3, 4, 5]]
+    assert st.filler.tolist() == [[True, False, False, False, False], [False] * 5]
+    flat = _prefill_mask(valid.long(), st, torch.float64, flat=True)
+    assert flat.tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
+    m4 = torch.full((6, 6), torch.finfo(torch.float64).min, dtype=torch.float64).triu(1)
+    m4 = m4[None, None].repeat(2, 1, 1, 1)
+    m4[0, :, :, 0] = torch.finfo(torch.float64).min          # sample 0's padding
+    four = _prefill_mask(m4, st, torch.float64)
+    open_ = four == 0
+    assert not open_[0, 0, 1:, 0].any() and open_[0, 0, 0, 0]  # a filler: itself only
+    assert open_[1, 0].tolist() == torch.ones(5, 5).tril().bool().tolist()
+    dec = _decode_mask(torch.ones(2, 8, dtype=torch.long), st, 8, torch.float64, flat=True)
+    assert dec.tolist() == [[0, 1, 1, 1, 1, 1, 1], [1] * 7]
+    assert _decode_mask(None, st, 8, torch.float64)[0, 0, 0].tolist()[:2] == \
+        [torch.finfo(torch.float64).min, 0]
