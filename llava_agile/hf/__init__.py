@@ -80,10 +80,7 @@ def enable(model, processor=None, method="adaptive", keep: int | None = None, *,
     if is_enabled(model):
         disable(model)
     if cfg.method in INLLM_METHODS:   # every image token reaches the LLM: no processor patch
-        model._agile_state = _inllm.enable(model, cfg)
-        model.agile_config = cfg
-        model.agile_stats = []
-        return model
+        return _inllm.enable(model, cfg)
     state = _model.new_state(model, cfg, kind)
     state.fixed_count = not cfg.params.get("adaptive_count") and \
         (kind == "llava" or cfg.anyres_mode == "global")
@@ -104,9 +101,7 @@ def disable(model, processor=None):
     """Undo `enable` on the model and on the processor it patched; returns the model."""
     state = getattr(model, "__dict__", {}).get("_agile_state")
     if isinstance(state, _inllm.InLLMState):
-        _inllm.disable(model, model.__dict__.pop("_agile_state"))
-        for name in ("agile_config", "agile_stats"):
-            model.__dict__.pop(name, None)
+        _inllm.disable(model)
         return model
     if state is not None and not isinstance(state, _model.State):  # Qwen2.5-VL
         from . import qwen

@@ -1,5 +1,5 @@
-"""transformers' LLaVA-1.5 / LLaVA-NeXT with a method that prunes inside the LLM (FastV, PDrop,
-DART): the shared engine (`llava_agile.inllm.engine`) on the language model's decoder layers,
+"""transformers' LLaVA-1.5 / LLaVA-NeXT / Qwen2.5-VL with a method that prunes inside the LLM
+(FastV, PDrop, DART; Qwen2.5-VL: FastV, DART): the shared engine (`llava_agile.inllm.engine`) on the language model's decoder layers,
 told where the images are by an instance-level `forward` that reads the image placeholders of
 each prefill. The processor and the vision side run unchanged (every image token reaches the
 LLM)."""
@@ -37,7 +37,8 @@ def _cache_empty(cache) -> bool:
     return cache is None or (hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0)
 
 
-def enable(model, cfg) -> InLLMState:
+def enable(model, cfg):
+    """Set up `cfg` (an in-LLM method) on a transformers LLaVA / NeXT / Qwen2.5-VL model."""
     lm = model.model.language_model
     token = getattr(model.config, "image_token_id", None)
     if token is None:
@@ -53,7 +54,8 @@ def enable(model, cfg) -> InLLMState:
     @functools.wraps(orig)   # generate inspects forward's parameters (logits_to_keep, ...)
     def forward(*args, **kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is not None and ids.shape[1] > 1 and _cache_empty(kwargs.get("past_key_values")):
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        if ids is not None and ids.shape[1] > 1 and _cache_empty(cache):
             if kwargs.get("labels") is not None:
                 raise ValueError(f"{cfg.method} prunes inside the LLM, which shortens the "
                                  f"sequence the labels describe: computing a loss is not "
@@ -63,14 +65,19 @@ def enable(model, cfg) -> InLLMState:
             engine.begin(image_spans(ids, token), valid)
         return orig(*args, **kwargs)
 
-    state = InLLMState(engine, model.__dict__.get("forward"))
+    model._agile_state = InLLMState(engine, model.__dict__.get("forward"))
     model.forward = forward
-    return state
+    model.agile_config = cfg
+    model.agile_stats = []
+    return model
 
 
-def disable(model, state: InLLMState) -> None:
+def disable(model) -> None:
+    state = model.__dict__.pop("_agile_state")
     state.engine.remove()
     if state.forward_saved is None:
         model.__dict__.pop("forward", None)
     else:
         model.forward = state.forward_saved
+    for name in ("agile_config", "agile_stats"):
+        model.__dict__.pop(name, None)

@@ -33,6 +33,7 @@ import warnings
 import torch
 
 from .. import inllm
+from . import llm
 from ..llava.runtime import as_config
 from ..methods import MERGING
 from ..metrics import compute_dtype
@@ -358,7 +359,13 @@ def enable(model, processor=None, method="adaptive", keep: int | None = None, *,
         raise ValueError(f"attention_source={attention_source!r}: Qwen2.5-VL has no [CLS] token; "
                          f"supported: {', '.join(SOURCES)}")
     cfg = as_config(method, keep, feature_space, None, **params)
-    inllm.refuse(cfg.method, "transformers' Qwen2.5-VL")
+    if cfg.method in inllm.METHODS:
+        if cfg.method in inllm.RENUMBER:
+            raise ValueError(f"{cfg.method} renumbers positions after each drop, which has no "
+                             f"M-RoPE (t, h, w) counterpart in its authors' code; on Qwen2.5-VL "
+                             f"use fastv or dart (kept tokens keep their M-RoPE positions)")
+        disable(model)
+        return llm.enable(model, cfg)
     if cfg.method in MERGING:
         raise ValueError(f"method {cfg.method!r} merges tokens, which have no single (t, h, w) "
                          f"M-RoPE position (and visionzip needs a [CLS] layer's keys); pick an "
@@ -397,12 +404,16 @@ def enable(model, processor=None, method="adaptive", keep: int | None = None, *,
 
 
 def is_enabled(model) -> bool:
-    return isinstance(getattr(model, "__dict__", {}).get("_agile_state"), State)
+    return isinstance(getattr(model, "__dict__", {}).get("_agile_state"),
+                      (State, llm.InLLMState))
 
 
 def disable(model, processor=None):
     state = getattr(model, "__dict__", {}).get("_agile_state")
     if state is None:
+        return model
+    if isinstance(state, llm.InLLMState):
+        llm.disable(model)
         return model
     if processor is not None and state.processor is not None and processor is not state.processor:
         raise ValueError("this processor is not the one llava_agile.enable patched for this "

@@ -490,3 +490,42 @@ def test_calibrate_measures_qwen_tokens(tiny, tmp_path):
     assert 0 < res["entropy_avg"] <= np.log(24)
     from llava_agile.config import load_erank_avg
     assert load_erank_avg(str(tmp_path / "cal.json")) == pytest.approx(res["erank_avg"])
+
+
+@needs5
+@pytest.mark.parametrize("method,keep,params", [("fastv", 5, dict(layer=1)),
+                                                ("dart", 10, dict(layer=1, pivot_image=2,
+                                                                  pivot_text=2))])
+def test_in_llm_methods(tiny, method, keep, params):
+    """FastV / DART inside Qwen2.5-VL's LLM (kept tokens keep their M-RoPE positions): each
+    image's tokens leave after layer 0; cached greedy decoding = full forwards without cache
+    that keep the prefill's choices; a budget >= every image = stock generate; PDrop (which
+    renumbers positions) is refused."""
+    model, processor = tiny
+    batch = inputs(processor)
+    _, stock = run(model, batch)
+    llava_agile.enable(model, processor=processor, method=method, keep=keep, **params)
+    with torch.inference_mode():
+        out = model.generate(**batch, do_sample=False, max_new_tokens=3, output_scores=True,
+                             return_dict_in_generate=True)
+    stats, eng = model.agile_stats, model._agile_state.engine
+    assert [(s["tokens"], s["kept"], s["layer_tokens"]) for s in stats] == \
+        [(16, keep, [16, keep]), (24, keep, [24, keep])]
+    assert min(eng.last.margins) > 1e-6
+    L = batch["input_ids"].shape[1]
+    for step in range(3):
+        eng.replay()
+        longer = dict(batch, input_ids=out.sequences[:, :L + step])   # + the generated text
+        for key, fill in (("attention_mask", 1), ("mm_token_type_ids", 0)):
+            longer[key] = torch.cat([batch[key], torch.full((2, step), fill)], 1)
+        with torch.inference_mode():
+            logits = model(**longer, use_cache=False).logits[:, -1]
+        torch.testing.assert_close(logits, out.scores[step], rtol=0, atol=1e-4)
+        top2 = logits.topk(2).values
+        assert ((top2[:, 0] - top2[:, 1]) > 1e-3).all()
+        assert torch.equal(logits.argmax(-1), out.sequences[:, L + step])
+    llava_agile.enable(model, processor=processor, method=method, keep=102, **params)
+    _, same = run(model, batch)
+    assert torch.equal(same, stock) and model.agile_stats[0]["kept"] == 16
+    with pytest.raises(ValueError, match="no M-RoPE"):
+        llava_agile.enable(model, processor=processor, method="pdrop", keep=8, layers=(1,))
