@@ -184,7 +184,7 @@ class Engine:
                     run.saved[i] = self._score(i, hidden_states,
                                                self._kwargs(run.stage, kw, True, hidden_states))
                 if i in self.prune_layers:
-                    hidden_states = self._prune(i, hidden_states)
+                    hidden_states = self._prune(i, hidden_states, kw)
                 run.ms += (time.perf_counter() - t0) * 1e3
             run.layer_stage[i] = run.stage
             if i == len(self.layers) - 1:
@@ -213,25 +213,35 @@ class Engine:
         return ent, st.gather[b][ent]
 
     def _score(self, i, h, kw):
-        """Per sample with images: the last real token's head-mean attention row over the
-        current sequence (FastV, PDrop) or the keys, heads concatenated (DART); real entries."""
-        run = self.run
+        """What the method ranks by, from layer i's input: per sample with images, the last real
+        token's head-mean attention row (FastV, PDrop) or the keys with heads concatenated (DART)
+        over the real entries. FastV and DART score with layer K-1 but select before layer K:
+        they get a function that reads layer K-1's keys from the KV cache the prefill just
+        filled (recomputing them without a cache)."""
+        run, layer = self.run, self.layers[i]
         ents = [self._cur(b)[0] if imgs else None for b, imgs in enumerate(run.images)]
         last = torch.tensor([int(e[-1]) if e is not None else 0 for e in ents], device=h.device)
-        q, k = _qk(self.layers[i], h, kw, None if self.method == "dart" else last)
-        out = []
-        for b, ent in enumerate(ents):
-            if ent is None:
-                out.append(None)
-            elif self.method == "dart":
-                out.append(k[b].permute(1, 0, 2).reshape(k.shape[2], -1)[ent])
-            else:
-                valid = torch.zeros(h.shape[1], dtype=torch.bool, device=h.device)
-                valid[ent] = True
-                out.append(M.attention_row(q[b], k[b], valid)[ent])
-        return out
+        q = None if self.method == "dart" else _qk(layer, h, kw, last, keys=False)[0]
 
-    def _prune(self, i, h):
+        def rows(k):
+            out = []
+            for b, ent in enumerate(ents):
+                if ent is None:
+                    out.append(None)
+                elif self.method == "dart":
+                    out.append(k[b].permute(1, 0, 2).reshape(k.shape[2], -1)[ent])
+                else:
+                    valid = torch.zeros(h.shape[1], dtype=torch.bool, device=h.device)
+                    valid[ent] = True
+                    out.append(M.attention_row(q[b], k[b], valid)[ent])
+            return out
+
+        if self.method == "pdrop":   # this layer's keys of the sequence before the drop
+            return rows(_qk(layer, h, kw)[1])
+        return lambda later_kw: rows(_cached_keys(layer, later_kw, i, h.shape[1])
+                                     if _cache_length(later_kw) else _qk(layer, h, kw)[1])
+
+    def _prune(self, i, h, kw):
         run = self.run
         alive = run.stage.alive.clone() if run.stage is not None else torch.ones_like(run.valid)
         if run.replay is not None:
@@ -240,7 +250,10 @@ class Engine:
                 for j, r in enumerate(imgs):
                     run.kept[b][j].append([p - r.start for p in r if alive[b, p]])
         else:
-            saved = run.saved[self.score_layers[self.prune_layers.index(i)]]
+            at = self.score_layers[self.prune_layers.index(i)]
+            if callable(run.saved[at]):
+                run.saved[at] = run.saved[at](kw)
+            saved = run.saved[at]
             states = self.norm(h) if self.method == "dart" else None
             for b, imgs in enumerate(run.images):
                 if not imgs:
@@ -343,14 +356,15 @@ def _whole_table(forward):
     return rope
 
 
-def _qk(layer, h, kw, rows=None):
-    """The layer's post-RoPE keys `[B, H, L, d]` (repeated to H heads) and, for `rows` (`[B]`
-    sequence indices, one per sample), its queries there `[B, H, d]` (else None)."""
+def _qk(layer, h, kw, rows=None, keys=True):
+    """The layer's post-RoPE queries at `rows` (`[B]` sequence indices, one per sample) `[B, H,
+    d]` (None without rows) and its keys `[B, H, L, d]` (repeated to H heads; None if not
+    `keys`), as its attention computes them."""
     attn = layer.self_attn
     x = layer.input_layernorm(h)
     B, L, _ = x.shape
     d = attn.head_dim
-    k = attn.k_proj(x).view(B, L, -1, d).transpose(1, 2)
+    k = attn.k_proj(x).view(B, L, -1, d).transpose(1, 2) if keys else None
     q = None
     if rows is not None:
         xr = x.gather(1, rows[:, None, None].expand(-1, 1, x.shape[2]))
@@ -358,18 +372,33 @@ def _qk(layer, h, kw, rows=None):
     rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
     if kw.get("position_embeddings") is not None:    # transformers >= 4.48
         cos, sin = (t.expand(B, -1, -1) for t in kw["position_embeddings"])
-        k = rope(k, k, cos, sin)[0]
+        if k is not None:
+            k = rope(k, k, cos, sin)[0]
         if q is not None:
             at = rows[:, None, None].expand(-1, 1, cos.shape[-1])
             q = rope(q, q, cos.gather(1, at), sin.gather(1, at))[0]
     else:                                            # 4.37: each attention's own table
         pos = kw["position_ids"].expand(B, -1)
-        cos, sin = attn.rotary_emb(k, seq_len=int(pos.max()) + 1)
-        k = rope(k, k, cos, sin, pos)[0]
+        cos, sin = attn.rotary_emb(x, seq_len=int(pos.max()) + 1)
+        if k is not None:
+            k = rope(k, k, cos, sin, pos)[0]
         if q is not None:
             q = rope(q, q, cos, sin, pos.gather(1, rows[:, None]))[0]
-    k = k.repeat_interleave(attn.num_key_value_groups, dim=1)   # as repeat_kv
+    if k is not None:
+        k = k.repeat_interleave(attn.num_key_value_groups, dim=1)   # as repeat_kv
     return (None if q is None else q[:, :, 0]), k
+
+
+def _cached_keys(layer, kw, i, length):
+    """Layer i's keys of this prefill from the KV cache (`[B, H, L, d]`, repeated to H heads):
+    4.37's `key_cache[i]`, 4.57 / 5.x's `layers[i].keys`."""
+    cache = next(kw[n] for n in ("past_key_value", "past_key_values", "cache")
+                 if kw.get(n) is not None)
+    keys = cache.layers[i].keys if hasattr(cache, "layers") else cache.key_cache[i]
+    if keys.shape[-2] != length:
+        raise RuntimeError(f"in-LLM pruning: layer {i}'s KV cache holds {keys.shape[-2]} keys, "
+                           f"expected this prefill's {length}")
+    return keys.repeat_interleave(layer.self_attn.num_key_value_groups, dim=1)
 
 
 def _inverse(st: _Stage | None, B: int, L: int, device) -> torch.Tensor:
