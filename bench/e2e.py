@@ -859,7 +859,8 @@ def main(argv=None) -> int:
         print_batch(b, sec, full)
     print("\nchecks:", json.dumps({b: s.get("checks") for b, s in result["batches"].items()}))
     where = result["meta"]["env"].get("gpu", result["meta"]["env"].get("cpu"))
-    print(f"\ntargets ({where}, {args.dtype}{', small shapes: not meaningful' if args.tiny or args.reduced else ''}):")
+    small = ", small shapes: not meaningful" if args.tiny or args.reduced else ""
+    print(f"\ntargets ({where}, {args.dtype}{small}):")
     for name, t in result["targets"].items():
         print(f"  {name:<40} {t['value']:8.3f}  {t['target']:<8} {'MET' if t['met'] else 'MISSED'}")
     if args.json:

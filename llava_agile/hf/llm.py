@@ -1,15 +1,15 @@
 """transformers' LLaVA-1.5 / LLaVA-NeXT / Qwen2.5-VL with a method that prunes inside the LLM
-(FastV, PDrop, DART; Qwen2.5-VL: FastV, DART): the shared engine (`llava_agile.inllm.engine`) on the language model's decoder layers,
-told where the images are by an instance-level `forward` that reads the image placeholders of
-each prefill. The processor and the vision side run unchanged (every image token reaches the
-LLM)."""
+(FastV, PDrop, DART; Qwen2.5-VL: FastV, DART): the shared engine (`llava_agile.inllm.engine`)
+on the language model's decoder layers, told where the images are by an instance-level
+`forward` that reads the image placeholders of each prefill. The processor and the vision side
+run unchanged (every image token reaches the LLM)."""
 from __future__ import annotations
 
 import functools
 
 import torch
 
-from ..inllm.engine import Engine
+from ..inllm.engine import Engine, runs
 
 
 class InLLMState:
@@ -17,20 +17,6 @@ class InLLMState:
         self.engine = engine
         self.forward_saved = forward_saved
         self.processor = None   # nothing of the processor is patched
-
-
-def image_spans(ids: torch.Tensor, token: int) -> list[list[range]]:
-    """Per sample, the runs of image placeholders (one per image)."""
-    out = []
-    for row in ids:
-        runs = []
-        for p in (row == token).nonzero()[:, 0].tolist():
-            if runs and runs[-1][1] == p:
-                runs[-1][1] = p + 1
-            else:
-                runs.append([p, p + 1])
-        out.append([range(a, z) for a, z in runs])
-    return out
 
 
 def _cache_empty(cache) -> bool:
@@ -62,7 +48,7 @@ def enable(model, cfg):
                                  f"supported")
             mask = kwargs.get("attention_mask")
             valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-            engine.begin(image_spans(ids, token), valid)
+            engine.begin([runs(row == token) for row in ids], valid)
         return orig(*args, **kwargs)
 
     model._agile_state = InLLMState(engine, model.__dict__.get("forward"))

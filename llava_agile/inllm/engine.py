@@ -277,7 +277,8 @@ class Engine:
                     run.kept[b][j].append([p - r.start for p in kept])
         run.replays.append(alive)
         new = _Stage(alive, run.valid)
-        rel = _inverse(run.stage, h.shape[0], run.L, h.device).gather(1, new.gather).masked_fill(new.filler, 0)
+        rel = _inverse(run.stage, h.shape[0], run.L, h.device).gather(1, new.gather)
+        rel = rel.masked_fill(new.filler, 0)
         run.stage = new
         return h.gather(1, rel[..., None].expand(-1, -1, h.shape[2]))
 
@@ -338,6 +339,17 @@ class Engine:
 
 
 # ---------------------------------------------------------------- helpers
+
+def runs(is_image: torch.Tensor) -> list[range]:
+    """The runs of True in a `[L]` row: one range per image (adapters' image positions)."""
+    out = []
+    for p in is_image.nonzero()[:, 0].tolist():
+        if out and out[-1].stop == p:
+            out[-1] = range(out[-1].start, p + 1)
+        else:
+            out.append(range(p, p + 1))
+    return out
+
 
 def _cache_length(kw) -> int:
     """Layer 0's KV length: the cache is `past_key_value` (transformers 4.37),

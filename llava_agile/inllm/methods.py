@@ -50,7 +50,8 @@ def check_params(method: str, keep: int | None, params: dict) -> dict:
     if method in ("fastv", "dart"):
         _int("layer", full["layer"], 1)
     if method == "dart":
-        pi, pt = _int("pivot_image", full["pivot_image"], 1), _int("pivot_text", full["pivot_text"], 1)
+        pi = _int("pivot_image", full["pivot_image"], 1)
+        pt = _int("pivot_text", full["pivot_text"], 1)
         if keep is not None and (keep <= pi or (keep - pi) % (pi + pt)):
             step = pi + pt
             low = pi + max(step, (keep - pi) // step * step)

@@ -11,7 +11,7 @@ import types
 
 import torch
 
-from ..inllm.engine import Engine
+from ..inllm.engine import Engine, runs
 from . import compat
 
 IGNORE_INDEX, IMAGE_TOKEN_INDEX = -100, -200   # llava.constants
@@ -33,18 +33,12 @@ def image_spans(labels: torch.Tensor, valid: torch.Tensor, counts: list[int]) ->
     """Per sample, the runs of image positions (labels == IGNORE_INDEX on real tokens)."""
     out = []
     for b in range(labels.shape[0]):
-        pos = ((labels[b] == IGNORE_INDEX) & valid[b]).nonzero()[:, 0].tolist()
-        runs = []
-        for p in pos:
-            if runs and runs[-1][1] == p:
-                runs[-1][1] = p + 1
-            else:
-                runs.append([p, p + 1])
-        if len(runs) != counts[b]:
-            raise ValueError(f"sample {b}: {counts[b]} <image> tokens but {len(runs)} separate "
+        found = runs((labels[b] == IGNORE_INDEX) & valid[b])
+        if len(found) != counts[b]:
+            raise ValueError(f"sample {b}: {counts[b]} <image> tokens but {len(found)} separate "
                              f"image-token runs in the LLM input; in-LLM pruning needs text "
                              f"between images")
-        out.append([range(a, z) for a, z in runs])
+        out.append(found)
     return out
 
 
