@@ -254,6 +254,32 @@ def test_visualize_writes_one_png(data, capsys):
     assert arr[:, quarter:].mean() < arr[:, :quarter].mean()
 
 
+def test_in_llm_methods_with_a_question(data, capsys):
+    """FastV / PDrop / DART rank by the prompt: analyze and visualize run LLaVA's generate with
+    the question; the kept patches are the image tokens the layers after the pruning layer see
+    (the tiny LLaMA has 2 layers: pruning before layer 1)."""
+    out = data["root"] / "an-inllm"
+    assert run("analyze", "--model-path", data["model"], "--images", data["images"],
+               "--methods", "fastv,dart", "--keep", 20, "--pruning-args", "layer=1",
+               "--question", "What is it?", "--out", out) == 0
+    recs = read_records(out / "records.jsonl")
+    assert len(recs) == len(KINDS)
+    for r in recs:
+        assert [(x["method"], x["kept"], len(x["indices"])) for x in r["runs"]] == \
+            [("fastv", 20, 20), ("dart", 20, 20)]
+        assert all(x["avg_tokens"] == (N + 20) / 2 and x["answer"] for x in r["runs"])
+        assert all(0 < x["retained_erank"] <= 20 for x in r["runs"])
+    capsys.readouterr()
+    png = data["root"] / "vis-inllm.png"
+    assert run("visualize", data["images"] / "2.png", "--model-path", data["model"],
+               "--methods", "pdrop", "--keep", 16, "--pruning-args", "layers=1",
+               "--question", "What is it?", "--out", png) == 0
+    assert capsys.readouterr().out.strip() == str(png)
+    assert run("visualize", data["images"] / "2.png", "--model-path", data["model"],
+               "--methods", "fastv", "--pruning-args", "layer=1", "--out", png) == 2
+    assert "give a question (--question)" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- errors
 
 @pytest.mark.parametrize("argv, message", [

@@ -150,6 +150,3 @@ def test_in_llm_configs(method, keep, params, text):
     assert method in llava_agile.METHODS and method not in METHODS
     with pytest.raises(ValueError, match="prunes inside the LLM"):
         select_tokens(torch.randn(8, 4), torch.rand(8), 2, method=method)
-    from llava_agile.analysis.cli import _methods
-    with pytest.raises(ValueError, match="prunes inside the LLM"):   # analysis: not yet
-        _methods([method])

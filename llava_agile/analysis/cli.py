@@ -13,7 +13,7 @@ DEFAULT_ASSETS = "out/assets"
 
 def _methods(values) -> list[str]:
     """`--methods a b` or `--methods a,b`; 'all' means every method."""
-    from ..config import check_selection_method as check_method  # in-LLM: no analysis yet
+    from ..config import check_method
 
     out = [m.strip() for v in values for m in v.split(",") if m.strip()]
     out = list(METHODS) if out == ["all"] else out
@@ -59,6 +59,13 @@ def _pruning(ap, keep_nargs="+"):
                     help="calibration JSON (from `calibrate`) giving erank_avg")
 
 
+def _question(ap):
+    ap.add_argument("--question", default=None,
+                    help="generate an answer to this question for every image (needed by the "
+                         "methods that prune inside the LLM: fastv, pdrop, dart rank by the "
+                         "prompt's attention)")
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=PROG, description="llava_agile: analysis, calibration, "
                                  "visualisation and the demo (see docs/analysis.md)")
@@ -75,6 +82,7 @@ def parser() -> argparse.ArgumentParser:
                    help="also erank-vs-entropy scatter and retained-erank bars (PNG)")
     a.add_argument("--overwrite", action="store_true",
                    help="start again instead of resuming the records in --out")
+    _question(a)
 
     c = sub.add_parser("calibrate", help="mean full-image erank and entropy -> JSON for "
                                          "--erank-avg-file")
@@ -90,6 +98,7 @@ def parser() -> argparse.ArgumentParser:
     _pruning(v, keep_nargs=None)
     _space(v)
     v.add_argument("--out", default=None, help="PNG to write (default out/visualize/<image>.png)")
+    _question(v)
 
     d = sub.add_parser("demo", help="every method on real photos + text images; a report folder")
     d.add_argument("--out", default="out/demo", help="report folder (default out/demo)")
@@ -146,7 +155,7 @@ def cmd_analyze(args) -> int:
     configs = _configs(args, model_path, args.keep or [64])
     out = Path(args.out or Path("out/analysis") / _name(model_path))
     res = analyze(model_path, items, configs, out, plots=args.plots, model_base=args.model_base,
-                  overwrite=args.overwrite)
+                  overwrite=args.overwrite, question=args.question)
     print(f"{len(res['records'])} images ({res['computed']} measured now, "
           f"{len(res['records']) - res['computed']} from earlier runs)")
     for key, path in res["paths"].items():
@@ -180,7 +189,8 @@ def cmd_visualize(args) -> int:
     model_path = _model_path(args)
     configs = _configs(args, model_path, [args.keep or 64])
     out = Path(args.out or Path("out/visualize") / f"{Path(args.image).stem}.png")
-    path = visualize(args.image, model_path, configs, out, args.model_base)
+    path = visualize(args.image, model_path, configs, out, args.model_base,
+                     question=args.question)
     print(path)
     return 0
 

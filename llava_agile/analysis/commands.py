@@ -111,7 +111,7 @@ def calibrate(model_path: str, items: list[dict], out_file: str | Path,
 # ---------------------------------------------------------------- visualize
 
 def visualize(image_path: str | Path, model_path: str, configs, out_png: str | Path,
-              model_base: str | None = None, loaded=None) -> Path:
+              model_base: str | None = None, loaded=None, question: str | None = None) -> Path:
     """One PNG: the image as the model sees it and, per config, the kept patches."""
     from .inputs import open_image
     from .measure import Measurer, measure_image
@@ -121,7 +121,7 @@ def visualize(image_path: str | Path, model_path: str, configs, out_png: str | P
     tokenizer, model, processor = _load(model_path, model_base, loaded)
     measurer = Measurer(model, processor, tokenizer)
     item = {"image": Path(image_path).name, "path": str(image_path), "category": "default"}
-    rec = measure_image(measurer, item, configs, image=image)
+    rec = measure_image(measurer, item, configs, question, image=image)
     view = measurer.input_view(measurer.pixels(image)[0])
     title = f"{Path(image_path).name}\n{Path(str(model_path)).name}, {rec['feature_space']} features"
     return overlay_figure(view, rec, out_png, title=title)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import PruneConfig, check_keep, load_erank_avg, parse_pruning_args
-from ..config import check_selection_method as check_method  # in-LLM: no analysis yet
+from .. import inllm
+from ..config import PruneConfig, check_keep, check_method, load_erank_avg, parse_pruning_args
 from ..methods import MERGING, REGISTRY
 
 RANDOM_PROJECTOR_MARKER = "tiny_llava.json"   # written by llava_agile.assets.build_tiny_llava
@@ -71,19 +71,20 @@ def make_configs(methods, keeps, pruning_args=None, erank_avg_file=None,
     extra = {"feature_space": params.pop("feature_space", feature_space)}
     if "anyres_mode" in params:
         extra["anyres_mode"] = params.pop("anyres_mode")
-    unused = [k for k in params if not any(k in REGISTRY[m][1] for m in methods)]
+    takes = {m: REGISTRY[m][1] if m in REGISTRY else inllm.DEFAULTS[m] for m in methods}
+    unused = [k for k in params if not any(k in takes[m] for m in methods)]
     if unused:
         raise ValueError(f"--pruning-args {', '.join(unused)}: no method among "
                          f"{', '.join(methods)} takes it")
     erank_avg = None
     if erank_avg_file:
-        if not any("erank_avg" in REGISTRY[m][1] for m in methods):
+        if not any("erank_avg" in takes[m] for m in methods):
             raise ValueError(f"--erank-avg-file: none of {', '.join(methods)} uses erank_avg")
         erank_avg = load_erank_avg(erank_avg_file)
     out = []
     for m in methods:
-        p = {k: v for k, v in params.items() if k in REGISTRY[m][1]}
-        if erank_avg is not None and "erank_avg" in REGISTRY[m][1]:
+        p = {k: v for k, v in params.items() if k in takes[m]}
+        if erank_avg is not None and "erank_avg" in takes[m]:
             p.setdefault("erank_avg", erank_avg)
         out.extend(PruneConfig(method=m, keep=k, params=p, **extra) for k in keeps)
     return out
@@ -204,6 +205,8 @@ class Measurer:
         from ..llava import visual_tokens
 
         model = self.model
+        if cfg.method in inllm.METHODS:
+            return _in_llm_record(self, pixels, sizes, cfg, question, max_new_tokens)
         enable(model, cfg)
         try:
             answer, gen_stats = None, None
@@ -239,6 +242,42 @@ class Measurer:
         if answer is not None:
             rec["answer"] = answer
         return rec
+
+
+def _in_llm_record(measurer, pixels, sizes, cfg, question, max_new_tokens) -> dict:
+    """An in-LLM method (FastV, PDrop, DART) on one image: it ranks by the prompt, so LLaVA's
+    `generate` runs with the question; the kept tokens are the image tokens the layers after the
+    (first) pruning layer see, their erank measured on the LLM's input (projected) features."""
+    from .. import disable, enable
+
+    model = measurer.model
+    if question is None:
+        raise ValueError(f"{cfg.method} prunes inside the LLM by the prompt's attention: give "
+                         f"a question (--question)")
+    if getattr(model.config, "image_aspect_ratio", None) == "anyres":
+        raise ValueError(f"{cfg.method}: the analysis of in-LLM methods maps kept tokens onto "
+                         f"LLaVA-1.5's one 24 x 24 grid; LLaVA-NeXT's are not supported")
+    ids = measurer.prompt(question)
+    enable(model, cfg)
+    try:
+        out = model.generate(ids, images=pixels, image_sizes=sizes, do_sample=False,
+                             max_new_tokens=max_new_tokens, use_cache=True,
+                             attention_mask=torch.ones_like(ids))
+        st = model.agile_stats[0]
+    finally:
+        disable(model)
+    with capture(model) as seen:
+        model.encode_images(pixels)
+    center = cfg.params.get("center", True)
+    return {"method": cfg.method, "keep": cfg.keep, "kept": int(st["kept"]),
+            "tokens": int(st["tokens"]), "n_tokens": int(seen["tower"][0].shape[1]),
+            "erank": erank_of(image_tokens(model, cfg, seen), center),
+            "entropy": entropy_of_row(seen["cls"][0][0]),
+            "retained_erank": erank_of(kept_tokens(model, cfg, st, seen, None), center),
+            "tau_range": None, "ratio": None, "indices": st["indices"],
+            "attention_indices": None, "avg_tokens": st["avg_tokens"],
+            "prune_ms": round(st["prune_ms"], 3),
+            "answer": measurer.tokenizer.decode(out[0], skip_special_tokens=True).strip()}
 
 
 def measure_image(measurer: Measurer, item: dict, configs, question: str | None = None,

@@ -62,6 +62,8 @@ def check_params(method: str, keep: int | None, params: dict) -> dict:
                 f"e.g. M=128 keeps {pi + step * (128 // step)})")
     if method == "pdrop":
         layers = full["layers"]
+        if isinstance(layers, numbers.Integral) and not isinstance(layers, bool):
+            layers = (layers,)   # one stage ("layers=8" on a command line)
         if not isinstance(layers, (list, tuple)) or not layers:
             raise ValueError(f"layers must be a non-empty list of layer indices, got {layers!r}")
         layers = tuple(_int("layers[i]", v, 1) for v in layers)
@@ -69,6 +71,8 @@ def check_params(method: str, keep: int | None, params: dict) -> dict:
             raise ValueError(f"layers must be strictly increasing, got {list(layers)}")
         full["layers"] = layers
         ratios = full["ratios"]
+        if isinstance(ratios, numbers.Real) and not isinstance(ratios, bool):
+            ratios = (ratios,)
         if ratios is not None:
             if not isinstance(ratios, (list, tuple)) or len(ratios) != len(layers):
                 raise ValueError(f"ratios must list one kept fraction per layer of {list(layers)}, "
