@@ -48,7 +48,13 @@ def enable(model, cfg):
                                  f"supported")
             mask = kwargs.get("attention_mask")
             valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-            engine.begin([runs(row == token) for row in ids], valid)
+            spans = [runs(row == token) for row in ids]
+            given = kwargs.get("image_grid_thw", kwargs.get("pixel_values"))
+            if given is not None and sum(map(len, spans)) != given.shape[0]:
+                raise ValueError(f"{given.shape[0]} images but {sum(map(len, spans))} separate "
+                                 f"runs of image placeholders; in-LLM pruning needs text "
+                                 f"between images")
+            engine.begin(spans, valid)
         return orig(*args, **kwargs)
 
     model._agile_state = InLLMState(engine, model.__dict__.get("forward"))

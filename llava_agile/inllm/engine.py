@@ -130,6 +130,11 @@ class Engine:
                 if not valid[b, r.start:r.stop].all():
                     raise ValueError(f"sample {b}: image tokens {r.start}-{r.stop - 1} overlap "
                                      f"padding")
+        if not any(images):   # text only: the layers run untouched
+            self.run = self.last = None
+            if self.on_prefill is not None:
+                self.on_prefill([])
+            return
         self.run = _Run(images, valid.bool(), replay)
 
     def replay(self):
@@ -195,7 +200,7 @@ class Engine:
             return orig(hidden_states, **self._kwargs(run.stage, kw, True, hidden_states))
         if i == 0:
             if _cache_length(kw) == 0:  # a new prefill nobody announced (e.g. text only)
-                self.run = None
+                self.begin([[]] * hidden_states.shape[0], torch.ones(hidden_states.shape[:2]))
                 return orig(hidden_states, *args, **kw)
             run.decoded += hidden_states.shape[1]
         return orig(hidden_states, **self._kwargs(run.layer_stage[i], kw, False, hidden_states))

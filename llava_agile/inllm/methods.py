@@ -1,7 +1,8 @@
 """In-LLM pruning methods as pure tensor functions and budget arithmetic (no framework import).
 
 Each method drops image tokens between two decoder layers; what differs is where, how many and
-from which scores (each as its authors' code does it, see docs/in_llm.md):
+from which scores (each as its authors' code does it: README "Pruning inside the LLM",
+docs/in_llm_notes.md):
 
 - fastv (pkunlp-icler/FastV, lmms-eval `fastv_kvcache.py`): before layer `layer`, the `keep`
   image tokens with the largest head-mean attention from the last prompt token in layer
@@ -15,7 +16,7 @@ from which scores (each as its authors' code does it, see docs/in_llm.md):
   takes the remaining image tokens least similar to it; original positions kept.
 
 `keep` is one thing for every method: the image tokens per image that the layers after the
-(first) pruning layer see. `layer_tokens` / `average_tokens` give the image tokens each decoder
+(first) pruning layer see (PDrop given its own `ratios` takes its counts from them instead). `layer_tokens` / `average_tokens` give the image tokens each decoder
 layer sees and their mean; `keep_for_average` converts a per-layer average budget into `keep`.
 """
 from __future__ import annotations

@@ -196,6 +196,7 @@ def test_errors(tiny):
         with torch.inference_mode():            # text only: nothing to prune, nothing reported
             model.generate(tokenizer("USER: hi ASSISTANT:", return_tensors="pt").input_ids,
                            max_new_tokens=2, do_sample=False)
+        assert model.agile_stats == []
     finally:
         llava_agile.disable(model)
     assert "forward" not in model.get_model().layers[0].__dict__   # disable undid the patch
