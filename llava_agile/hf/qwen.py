@@ -33,10 +33,10 @@ import warnings
 import torch
 
 from .. import inllm
-from . import llm
 from ..llava.runtime import as_config
 from ..methods import MERGING
 from ..metrics import compute_dtype
+from . import llm
 from ..selection import select
 from .processor import check_identity, refuse_mismatch
 

@@ -255,6 +255,8 @@ def enable(model, method="adaptive", keep: int | None = None, *, feature_space: 
     `stats="basic"` (default) reports the kept count, indices, time and what the method computed
     anyway (adaptive's erank and thresholds, a hybrid's ratio); `stats="full"` also measures every
     image's full-token erank and attention entropy (an eigendecomposition per image).
+    The in-LLM methods (fastv, pdrop, dart) feed every image token to the LLM, whose decoder
+    layers drop them (`llava_agile.llava.inllm`); their stats add `layer_tokens` / `avg_tokens`.
     """
     compat.check_transformers()
     cfg = as_config(method, keep, feature_space, anyres_mode, stats, **params)
