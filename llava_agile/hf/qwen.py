@@ -36,8 +36,8 @@ from .. import inllm
 from ..llava.runtime import as_config
 from ..methods import MERGING
 from ..metrics import compute_dtype
-from . import llm
 from ..selection import select
+from . import llm
 from .processor import check_identity, refuse_mismatch
 
 TESTED = "5.24.0"
