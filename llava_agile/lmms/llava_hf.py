@@ -28,7 +28,6 @@ from lmms_eval.api.instance import GenerationResult
 from lmms_eval.api.model import lmms
 from lmms_eval.models.simple.llava_hf import DEFAULT_IMAGE_TOKEN, VICUNA_CHAT_TEMPLATE, LlavaHf
 
-from ..inllm import METHODS as INLLM_METHODS
 from .common import AgileLmms, generated_tokens
 
 FAMILIES = {"llava": "LlavaForConditionalGeneration",
@@ -52,10 +51,6 @@ class LlavaHfAgile(AgileLmms, LlavaHf):
         lmms.__init__(self)
         cfg = self._check_args(unknown, pruning, keep, pruning_args, erank_avg_file, dtype,
                                batch_size, device_map)
-        if cfg is not None and cfg.method in INLLM_METHODS:
-            raise ValueError(f"llava_hf_agile: {cfg.method} prunes inside the LLM, which this "
-                             f"model does not support yet; use --model llava_agile (LLaVA's own "
-                             f"model) for it")
         if int(batch_size) != 1:
             raise ValueError(f"llava_hf_agile: --batch_size must be 1 (as lmms-eval's llava_hf), "
                              f"got {batch_size}")
@@ -79,7 +74,8 @@ class LlavaHfAgile(AgileLmms, LlavaHf):
         processor.tokenizer.padding_side = "left"  # as llava_hf: batched generation pads left
         if cfg is not None:
             llava_agile.enable(model, processor=processor, method=cfg)
-        self.variable = cfg is not None and not model._agile_state.fixed_count
+        # in-LLM methods (FastV, PDrop, DART) keep every placeholder: a fixed count
+        self.variable = cfg is not None and not getattr(model._agile_state, "fixed_count", True)
         if device_map is not None:  # inputs go where the embeddings are
             self._device = model.get_input_embeddings().weight.device
         self._model, self._image_processor = model, processor
@@ -162,7 +158,7 @@ class LlavaHfAgile(AgileLmms, LlavaHf):
                 try:
                     outputs = self.model(**inputs, labels=labels)
                 finally:
-                    if self.pruning:
+                    if self.pruning and hasattr(self.model._agile_state, "pending"):
                         self.model._agile_state.pending = None
             # position i predicts token i + 1 (llava_hf compares without this shift)
             greedy = outputs["logits"].argmax(dim=-1)[:, n_context - 1:-1]

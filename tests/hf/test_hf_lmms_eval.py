@@ -200,7 +200,6 @@ def test_llava_next_shared_mode(env):
     ("keep=32", "keep given without pruning=METHOD"),
     ("pruning=adaptive,kepp=32", "unknown --model_args kepp"),
     ("pruning=adaptive,batch_size=2", "--batch_size must be 1"),
-    ("pruning=fastv,keep=24", "use --model llava_agile"),
 ])
 def test_bad_model_args_one_clear_error(bad, message):
     from lmms_eval.models import get_model
@@ -209,3 +208,20 @@ def test_bad_model_args_one_clear_error(bad, message):
     assert cls.__name__ == "LlavaHfAgile"
     with pytest.raises(ValueError, match=message):  # before any model is loaded
         cls.create_from_arg_string(f"pretrained=/nonexistent,{bad}", {"device": "cpu"})
+
+
+def test_in_llm_method_generates_and_refuses_the_loss(env):
+    """FastV inside the LLM through `--model llava_hf_agile`: the processor and the LLM's
+    prefill keep every placeholder (they leave between the decoder layers: the tiny LLaMA has 2,
+    so before layer 1); a multiple-choice loss is refused in one clear line."""
+    out, res = run(env, "out-fastv", 'pruning=fastv,keep=24,pruning_args="layer=1"',
+                   tasks="tiny_agile_gen")
+    text = text_tokens(env["models"]["llava"])
+    for r in samples(out, "tiny_agile_gen"):
+        assert r["token_counts"][0]["input_tokens"] == text + N_TOKENS
+    gen = agile_stats(out)["summary"]["tiny_agile_gen"]
+    assert gen["kept_per_image_min"] == gen["kept_per_image_max"] == 24
+    rc, log, _ = lmms(env, env["root"] / "out-fastv-mc",
+                      f"pretrained={env['models']['llava']},pruning=fastv,keep=24,"
+                      f'pruning_args="layer=1"', tasks="tiny_agile_mc", model="llava_hf_agile")
+    assert rc != 0 and "computing a loss is not supported" in log
