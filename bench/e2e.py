@@ -61,15 +61,11 @@ SHAPES = {
         llm=dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
                  rms_norm_eps=1e-5)),
-    # the 7B's depth (in-LLM pruning layers mean the same) at a width a CPU runs in seconds
-    "reduced": dict(
-        vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                    num_attention_heads=4, image_size=336, patch_size=14, projection_dim=64,
-                    hidden_act="quick_gelu", layer_norm_eps=1e-5),
-        llm=dict(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=32,
-                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
-                 rms_norm_eps=1e-5)),
 }
+# the 7B's depth (in-LLM pruning layers mean the same) at a width a CPU runs in seconds
+SHAPES["reduced"] = dict(
+    vision=SHAPES["tiny"]["vision"],
+    llm=dict(SHAPES["tiny"]["llm"], hidden_size=256, intermediate_size=688, num_hidden_layers=32))
 TOWER_NAME = "openai/clip-vit-large-patch14-336"  # recorded in the config only; never loaded
 IMAGE_POS = 35  # where <image> sits in LLaVA-1.5's vicuna_v1 prompt (after "... USER: ")
 VISION_VARIANTS = ("eager", "eager_attn", "eager_hook", "sdpa", "sdpa_hook")
