@@ -9,7 +9,7 @@ import functools
 
 import torch
 
-from ..inllm.engine import Engine, runs
+from ..inllm.engine import Engine, cache_length, runs
 
 
 class InLLMState:
@@ -17,10 +17,6 @@ class InLLMState:
         self.engine = engine
         self.forward_saved = forward_saved
         self.processor = None   # nothing of the processor is patched
-
-
-def _cache_empty(cache) -> bool:
-    return cache is None or (hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0)
 
 
 def enable(model, cfg):
@@ -40,8 +36,7 @@ def enable(model, cfg):
     @functools.wraps(orig)   # generate inspects forward's parameters (logits_to_keep, ...)
     def forward(*args, **kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values", kwargs.get("cache"))
-        if ids is not None and ids.shape[1] > 1 and _cache_empty(cache):
+        if ids is not None and ids.shape[1] > 1 and cache_length(kwargs) == 0:
             if kwargs.get("labels") is not None:
                 raise ValueError(f"{cfg.method} prunes inside the LLM, which shortens the "
                                  f"sequence the labels describe: computing a loss is not "

@@ -65,6 +65,7 @@ class _Run:
         self.margins = []       # each selection's gap at its cut-off (tests check them)
         self.prefill = True
         self.decoded = 0
+        self.args = {}          # this forward's arguments per (stage, prefill): shared by layers
         self.ms = 0.0
 
 
@@ -179,6 +180,8 @@ class Engine:
         if args:
             raise RuntimeError("in-LLM pruning needs the decoder layers called with keyword "
                                "arguments (as transformers does outside gradient checkpointing)")
+        if i == 0:
+            run.args = {}
         if run.prefill:
             if i == 0 and hidden_states.shape[1] != run.L:
                 raise RuntimeError(f"in-LLM pruning expected the prefill of {run.L} tokens, got "
@@ -187,7 +190,7 @@ class Engine:
                 t0 = time.perf_counter()
                 if i in self.score_layers and run.replay is None:
                     run.saved[i] = self._score(i, hidden_states,
-                                               self._kwargs(run.stage, kw, True, hidden_states))
+                                               self._args(run.stage, kw, True, hidden_states))
                 if i in self.prune_layers:
                     hidden_states = self._prune(i, hidden_states, kw)
                 run.ms += (time.perf_counter() - t0) * 1e3
@@ -197,13 +200,13 @@ class Engine:
                 self.last = run
                 if self.on_prefill is not None:
                     self.on_prefill(self.stats())
-            return orig(hidden_states, **self._kwargs(run.stage, kw, True, hidden_states))
+            return orig(hidden_states, **self._args(run.stage, kw, True, hidden_states))
         if i == 0:
-            if _cache_length(kw) == 0:  # a new prefill nobody announced (e.g. text only)
+            if cache_length(kw) == 0:  # a new prefill nobody announced (e.g. text only)
                 self.begin([[]] * hidden_states.shape[0], torch.ones(hidden_states.shape[:2]))
                 return orig(hidden_states, *args, **kw)
             run.decoded += hidden_states.shape[1]
-        return orig(hidden_states, **self._kwargs(run.layer_stage[i], kw, False, hidden_states))
+        return orig(hidden_states, **self._args(run.layer_stage[i], kw, False, hidden_states))
 
     # ------------------------------------------------------------ scores and pruning
 
@@ -244,7 +247,7 @@ class Engine:
         if self.method == "pdrop":   # this layer's keys of the sequence before the drop
             return rows(_qk(layer, h, kw)[1])
         return lambda later_kw: rows(_cached_keys(layer, later_kw, i, h.shape[1])
-                                     if _cache_length(later_kw) else _qk(layer, h, kw)[1])
+                                     if cache_length(later_kw) else _qk(layer, h, kw)[1])
 
     def _prune(self, i, h, kw):
         run = self.run
@@ -310,9 +313,17 @@ class Engine:
                                "needs its rotary module (rope=) to renumber positions")
         return self.rope(h, pos)
 
-    def _kwargs(self, st: _Stage | None, kw: dict, prefill: bool, h: torch.Tensor) -> dict:
+    def _args(self, st: _Stage | None, kw: dict, prefill: bool, h: torch.Tensor) -> dict:
+        """A layer's arguments for the tokens of stage `st`. The model hands every layer the same
+        mask, positions and cache in one forward, so each stage's are computed once per call."""
         if st is None:
             return kw
+        key = (id(st), prefill)
+        if key not in self.run.args:
+            self.run.args[key] = self._kwargs(st, kw, prefill, h)
+        return self.run.args[key]
+
+    def _kwargs(self, st: _Stage, kw: dict, prefill: bool, h: torch.Tensor) -> dict:
         kw = dict(kw)
         B, W = st.gather.shape
         pos = kw.get("position_ids")
@@ -356,16 +367,22 @@ def runs(is_image: torch.Tensor) -> list[range]:
     return out
 
 
-def _cache_length(kw) -> int:
-    """Layer 0's KV length: the cache is `past_key_value` (transformers 4.37),
-    `past_key_values` (4.57) or `cache` (5.x)."""
-    cache = next((kw[k] for k in ("past_key_value", "past_key_values", "cache")
-                  if kw.get(k) is not None), None)
+def _cache(kw):
+    """The KV cache among a call's arguments: `past_key_value` (transformers 4.37),
+    `past_key_values` (4.57) or `cache` (5.x); None without one."""
+    return next((kw[k] for k in ("past_key_value", "past_key_values", "cache")
+                 if kw.get(k) is not None), None)
+
+
+def cache_length(kw) -> int:
+    """Layer 0's KV length (0: no cache, or an empty one: a prefill)."""
+    cache = _cache(kw)
     if cache is None:
         return 0
     if hasattr(cache, "get_seq_length"):
         return int(cache.get_seq_length(0))
     return cache[0][0].shape[-2] if len(cache) else 0  # legacy tuples
+
 
 def _whole_table(forward):
     def rope(self, x, seq_len=None):
@@ -409,8 +426,7 @@ def _qk(layer, h, kw, rows=None, keys=True):
 def _cached_keys(layer, kw, i, length):
     """Layer i's keys of this prefill from the KV cache (`[B, H, L, d]`, repeated to H heads):
     4.37's `key_cache[i]`, 4.57 / 5.x's `layers[i].keys`."""
-    cache = next(kw[n] for n in ("past_key_value", "past_key_values", "cache")
-                 if kw.get(n) is not None)
+    cache = _cache(kw)
     keys = cache.layers[i].keys if hasattr(cache, "layers") else cache.key_cache[i]
     if keys.shape[-2] != length:
         raise RuntimeError(f"in-LLM pruning: layer {i}'s KV cache holds {keys.shape[-2]} keys, "
