@@ -5,6 +5,7 @@ the statistics files. Imported only by lmms-eval (through `llava_agile.lmms.mani
 from __future__ import annotations
 
 import argparse
+import atexit
 import inspect
 import json
 import os
@@ -70,6 +71,16 @@ def generated_tokens(row, eos, pad) -> int:
     return n
 
 
+
+def _close_process_group():
+    """lmms-eval never destroys the process group; left to interpreter shutdown, gloo's threads
+    can abort a rank after the results are written ("terminate called without an active
+    exception", exit -6)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 class AgileLmms:
     """Mixin in front of an lmms-eval model class (`class X(AgileLmms, lmms_eval_class)`).
 
@@ -111,6 +122,8 @@ class AgileLmms:
         accelerator = Accelerator(kwargs_handlers=[timeout])
         self.accelerator = accelerator
         self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
+        if self._world_size > 1:   # the process group accelerate opened for us: close it at exit
+            atexit.register(_close_process_group)
         if device_map == "auto" and self._world_size > 1:
             raise ValueError(f"{self.model_id}: device_map=auto spreads one model over all GPUs "
                              f"in one process; run it without torchrun / accelerate launch, or "
