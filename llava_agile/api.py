@@ -133,7 +133,7 @@ def select_tokens(features: torch.Tensor, cls_attn: torch.Tensor, keep: int,
     them `[N]` / `[B, N]`; `K = min(keep, N)`. Methods and parameters: see `METHODS` and README.
     """
     if method in MERGING:
-        raise ValueError(f"method {method!r} merges tokens, so it has no indices to return; "
+        raise ValueError(f"method {method!r} {MERGING[method]}, so it has no indices to return; "
                          f"use llava_agile.prune(...) and read .features")
     feats, attn, keep, params = _check_inputs(features, cls_attn, keep, method, params)
     idx = [res for res, _ in _run(feats, attn, keep, method, params, with_stats=False)]

@@ -13,7 +13,8 @@ from .methods import REGISTRY
 
 METHODS = SELECTION_METHODS + inllm.METHODS  # every method name: before the LLM, then inside it
 
-CHOICES = {"ratio_rule": ("fixed", "adaptive", "inverse"), "complexity": ("erank", "entropy")}
+CHOICES = {"ratio_rule": ("fixed", "adaptive", "inverse"), "complexity": ("erank", "entropy"),
+           "overflow": ("zeros", "backfill")}
 POSITIVE = ("erank_avg", "entropy_avg")
 NON_NEGATIVE = ("tau_step", "tau_max", "tau", "ratio_slope")
 UNIT_INTERVAL = ("ratio", "ratio_min", "ratio_max")
@@ -72,10 +73,10 @@ def check_params(method: str, params: dict, keep: int | None = None) -> dict:
                 raise ValueError(f"{name} must be >= 0, got {value}")
             if name in UNIT_INTERVAL and not 0 <= value <= 1:
                 raise ValueError(f"{name} must lie in [0, 1], got {value}")
-        if name in ("seed", "bat_knn"):
+        if name in ("seed", "bat_knn", "chunks"):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
-                    or (name == "bat_knn" and value < 1):
-                raise ValueError(f"{name} must be an integer{' >= 1' if name == 'bat_knn' else ''}, "
+                    or (name != "seed" and value < 1):
+                raise ValueError(f"{name} must be an integer{'' if name == 'seed' else ' >= 1'}, "
                                  f"got {value!r}")
         if name == "contextual" and value is not None and (
                 isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0):

@@ -87,7 +87,7 @@ def crop_mask(cfg, space, attn, clip, candidates=None):
     when None). Returns (mask, stats of the selection, milliseconds, extra stats)."""
     n, N = attn.shape
     if cfg.method in MERGING and n > 1:
-        raise ValueError(f"method {cfg.method!r} merges tokens and cannot run on several "
+        raise ValueError(f"method {cfg.method!r} {MERGING[cfg.method]} and cannot run on several "
                          f"crops per image; pick an index method")
     mask = torch.zeros(n, N, dtype=torch.bool, device=attn.device)
     mode = cfg.anyres_mode if n > 1 else "per_crop"

@@ -16,7 +16,7 @@ AB = torch.rand(3, 12)
 def both(features, cls_attn, keep, match, method="adaptive", **params):
     """select_tokens and prune reject the input alike."""
     for fn in (select_tokens, prune):
-        if fn is select_tokens and method == "bat":
+        if fn is select_tokens and method in ("bat", "holov"):
             continue
         with pytest.raises(ValueError, match=match):
             fn(features, cls_attn, keep, method=method, **params)
@@ -162,6 +162,9 @@ def test_ratio_outside_unit_interval(method, name, value):
     ("adaptive", dict(adaptive_count=1), r"adaptive_count must be True or False"),
     ("random", dict(seed=1.5), r"seed must be an integer"),
     ("bat", dict(bat_knn=0), r"bat_knn must be an integer >= 1"),
+    ("holov", dict(chunks=0), r"chunks must be an integer >= 1"),
+    ("holov", dict(chunks=2.0), r"chunks must be an integer >= 1"),
+    ("holov", dict(overflow="drop"), r"overflow must be one of zeros, backfill"),
 ])
 def test_invalid_parameter_values(method, params, match):
     both(X, A, 4, match, method=method, **params)

@@ -70,7 +70,7 @@ def enable(model, processor=None, method="adaptive", keep: int | None = None, *,
                          f"{', '.join(SUPPORTED.values())}")
     cfg = as_config(method, keep, feature_space, anyres_mode, **params)
     if cfg.method in MERGING and kind == "llava_next":
-        raise ValueError(f"method {cfg.method!r} merges tokens, which have no grid position, so "
+        raise ValueError(f"method {cfg.method!r} {MERGING[cfg.method]}, which have no grid position, so "
                          f"it cannot run on LLaVA-NeXT (anyres) crops; pick an index method")
     if cfg.method not in INLLM_METHODS:   # in-LLM: the processor runs unchanged
         _processor.check(processor, model, kind)

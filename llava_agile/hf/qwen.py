@@ -367,7 +367,7 @@ def enable(model, processor=None, method="adaptive", keep: int | None = None, *,
         disable(model)
         return llm.enable(model, cfg)
     if cfg.method in MERGING:
-        raise ValueError(f"method {cfg.method!r} merges tokens, which have no single (t, h, w) "
+        raise ValueError(f"method {cfg.method!r} {MERGING[cfg.method]}, which have no single (t, h, w) "
                          f"M-RoPE position (and visionzip needs a [CLS] layer's keys); pick an "
                          f"index method on Qwen2.5-VL")
     _check_processor(processor, model)

@@ -78,7 +78,7 @@ def _check_model(model, cfg: PruneConfig):
         raise ValueError(f"mm_vision_select_feature={tower.select_feature!r} is not supported: "
                          f"pruning expects patch tokens only ('patch')")
     if cfg.method in MERGING and getattr(model.config, "image_aspect_ratio", None) == "anyres":
-        raise ValueError(f"method {cfg.method!r} merges tokens, which have no grid position, so "
+        raise ValueError(f"method {cfg.method!r} {MERGING[cfg.method]}, which have no grid position, so "
                          f"it cannot run on LLaVA-NeXT (anyres) crops; pick an index method")
 
 
@@ -132,7 +132,7 @@ def _image_tokens(model, cfg, clip, attn, proj, image_size, keys=None, cls=None)
     space = clip if cfg.feature_space == "vision" else proj
     newline = model.get_model().image_newline if "unpad" in merge else None
     if cfg.method in MERGING and n > 1:
-        raise ValueError(f"method {cfg.method!r} merges tokens and cannot run on several "
+        raise ValueError(f"method {cfg.method!r} {MERGING[cfg.method]} and cannot run on several "
                          f"crops per image; pick an index method")
     layout = None
     if spatial and n > 1:

@@ -6,6 +6,7 @@ inputs, batches, and sorts. No LLaVA imports here.
 from .adaptive import adaptive
 from .basic import attention, none, random
 from .diversity import diversity, fps
+from .holov import holov
 from .hybrids import bat, mix, vispruner
 from .visionzip import visionzip
 
@@ -23,9 +24,12 @@ REGISTRY = {
     "vispruner": (vispruner, dict(_RATIO, similarity_features=None)),
     "bat": (bat, dict(_RATIO, similarity_features=None, bat_knn=5)),
     "visionzip": (visionzip, dict(keys=None, contextual=None, cls_token=None)),
+    "holov": (holov, dict(chunks=16, overflow="zeros")),
     "mix": (mix, dict(_RATIO)),
     "random": (random, dict(seed=0)),
     "none": (none, {}),
 }
 METHODS = tuple(REGISTRY)
-MERGING = frozenset({"bat", "visionzip"})  # methods that return merged features, not indices
+# methods that return features, not indices -> why (error messages say "method 'x' <why>, ...")
+MERGING = {"bat": "merges tokens", "visionzip": "merges tokens",
+           "holov": "returns rows (chunk order, zero rows included)"}

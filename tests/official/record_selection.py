@@ -1,0 +1,81 @@
+"""Record what the official pre-LLM selection code returns on fixed inputs (golden files).
+
+    .venv/bin/python tests/official/record_selection.py --holov HOLOV [--out tests/official/golden]
+
+Each path is a checkout of the official repository; its commit is recorded in the golden file:
+- obananas/HoloV: `HoloV` of `llava/model/utils.py`, called as `llava_arch.py` calls it (features
+  `[1, N, D]`, head-mean [CLS] attention `[1, N]`, `num_patches`, `new_image_token_num`), unchanged.
+The inputs come from `selection_cases.py` (float64, numpy-drawn). An output row is recorded as
+the input token it equals (-1: a zero row).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import selection_cases as C  # noqa: E402
+
+
+def commit(path):
+    return subprocess.run(["git", "-C", path, "rev-parse", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
+def load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def rows_to_indices(out: torch.Tensor, x: torch.Tensor) -> list[int]:
+    """Which token of `x` each output row is (-1 for an all-zero row); every row must match."""
+    idx = []
+    for row in out:
+        if not row.any():
+            idx.append(-1)
+            continue
+        hit = (x == row).all(dim=1).nonzero().flatten()
+        assert hit.numel() == 1, "an output row is no input token"
+        idx.append(int(hit))
+    return idx
+
+
+def record_holov(path):
+    mod = load("holov_utils", os.path.join(path, "llava/model/utils.py"))
+    cases = []
+    for seed, n, d, k, chunks, attention in C.HOLOV:
+        x, a = C.holov_inputs(seed, n, d, attention)
+        out = mod.HoloV(x[None], a[None], num_patches=chunks, new_image_token_num=k)[0]
+        cases.append(dict(seed=seed, n=n, d=d, keep=k, chunks=chunks, attention=attention,
+                          rows=rows_to_indices(out, x)))
+    return {"commit": commit(path), "function": "llava/model/utils.py::HoloV", "cases": cases}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--holov", help="checkout of github:obananas/HoloV")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "golden"))
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    recorders = {"holov": record_holov}
+    todo = {name: getattr(args, name) for name in recorders if getattr(args, name)}
+    if not todo:
+        ap.error("give at least one checkout (--holov ...)")
+    os.makedirs(args.out, exist_ok=True)
+    for name, path in todo.items():
+        data = recorders[name](path)
+        with open(os.path.join(args.out, f"{name}.json"), "w") as f:
+            json.dump(data, f, indent=1)
+        print(f"{name}: {len(data['cases'])} cases from {data['commit'][:8]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""Inputs shared by `record_selection.py` (the official code) and `test_selection_official.py`.
+
+Every input is drawn with numpy's Generator (the same numbers on every CPU) in float64, so the
+official functions and ours see identical tensors.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+# HoloV: (seed, N, D, K, chunks, how the attention is drawn)
+HOLOV = [
+    (0, 576, 64, 64, 16, "normal"), (1, 576, 64, 128, 16, "normal"),
+    (2, 576, 64, 192, 16, "normal"), (3, 576, 64, 64, 16, "peaked"),
+    (4, 576, 48, 192, 16, "peaked"), (5, 100, 32, 30, 16, "normal"),
+    (6, 10, 8, 5, 16, "normal"), (7, 576, 64, 7, 16, "normal"), (8, 576, 64, 128, 8, "normal"),
+]
+
+
+def holov_inputs(seed: int, n: int, d: int, attention: str):
+    """`x [N, D]`, `a [N]` (float64); "peaked": the first 72 tokens hold most of the attention,
+    so the first chunks' budgets exceed their size (the official zero rows)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d))
+    z = rng.standard_normal(n) * 1.5
+    if attention == "peaked":
+        z[:72] += 6.0
+    return torch.from_numpy(x), torch.from_numpy(softmax(z))
