@@ -8,10 +8,11 @@ import torch
 
 from . import backend
 from .config import check_keep, check_params, check_selection_method
-from .methods import MERGING
+from .methods import BATCH_STEPS, MERGING, TEXT
 from .metrics import entropy_of, erank_from_singular_values, singular_values
 
-PER_TOKEN = ("similarity_features", "keys")  # tensor parameters with one row per token
+# tensor parameters with one row per token
+PER_TOKEN = ("similarity_features", "keys", "image_embeds")
 
 
 def _check_finite(name: str, t: torch.Tensor) -> None:
@@ -90,6 +91,8 @@ def _check_inputs(features, cls_attn, keep, method, params):
             if extra.dim() != features.dim() or extra3.shape[:2] != feats.shape[:2]:
                 raise ValueError(f"{name} shape {tuple(extra.shape)} must match features "
                                  f"{tuple(features.shape)} in every dimension but the last")
+    if method in TEXT:
+        _check_text(method, params, feats.shape[0])
     cls = params.get("cls_token")  # visionzip: one [CLS] feature per image, in x's space
     if cls is not None:
         want = tuple(features.shape[:-2]) + (feats.shape[2],)
@@ -102,6 +105,29 @@ def _check_inputs(features, cls_attn, keep, method, params):
     return feats, attn, keep, params
 
 
+def _check_text(method, params, batch):
+    """cdpruner: `image_embeds [.., N, E]` and `text_embeds` `[M, E]` (every image),
+    `[B, M, E]` or a list of B `[M_b, E]` (one question per image), E alike."""
+    name = TEXT[method]
+    image, text = params.get("image_embeds"), params.get(name)
+    if image is None or text is None:
+        raise ValueError(f"{method} is conditioned on the question: pass image_embeds (CLIP "
+                         f"joint-space patch embeddings, [N, E] or [B, N, E]) and {name} (the "
+                         f"question's CLIP text embeddings, [M, E]); at model level give "
+                         f"text_tower= and a question")
+    texts = [text] if isinstance(text, torch.Tensor) and text.dim() == 2 else list(text) \
+        if isinstance(text, (list, tuple)) or isinstance(text, torch.Tensor) and text.dim() == 3 \
+        else []
+    if len(texts) not in (1, batch) or not all(
+            isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == 2
+            and t.shape[0] > 0 and t.shape[1] == image.shape[-1] for t in texts):
+        raise ValueError(f"{name} must be a float tensor [M, E] (M >= 1 text rows, E = "
+                         f"{image.shape[-1]} as image_embeds), [B, M, E] or a list of B such "
+                         f"tensors (B = {batch})")
+    for t in texts:
+        _check_finite(name, t)
+
+
 def _run(feats, attn, keep, method, params, with_stats=True):
     """Per image: (selected indices or merged features, method stats)."""
     n = feats.shape[1]
@@ -111,6 +137,8 @@ def _run(feats, attn, keep, method, params, with_stats=True):
     if batch is not None:
         return batch(feats, attn, keep, params, with_stats)
     impl = backend.implementation(method, feats.device)
+    step = BATCH_STEPS.get(method)  # cdpruner: relevance normalised over the batch
+    images = step(params, feats.shape[0]) if step else [{}] * feats.shape[0]
     per_token = {name: params.pop(name) for name in PER_TOKEN if params.get(name) is not None}
     cls = params.pop("cls_token", None)
     out = []
@@ -118,7 +146,7 @@ def _run(feats, attn, keep, method, params, with_stats=True):
         extra = {name: (t if t.dim() == 3 else t[None])[b] for name, t in per_token.items()}
         if cls is not None:
             extra["cls_token"] = (cls if cls.dim() == 2 else cls[None])[b]
-        res, stats = impl(feats[b], attn[b], keep, **params, **extra)
+        res, stats = impl(feats[b], attn[b], keep, **params, **extra, **images[b])
         if method not in MERGING:
             res = torch.sort(res.to(torch.long)).values
         out.append((res, stats))

@@ -14,7 +14,7 @@ from .methods import REGISTRY
 METHODS = SELECTION_METHODS + inllm.METHODS  # every method name: before the LLM, then inside it
 
 CHOICES = {"ratio_rule": ("fixed", "adaptive", "inverse"), "complexity": ("erank", "entropy"),
-           "overflow": ("zeros", "backfill")}
+           "overflow": ("zeros", "backfill"), "normalize": ("batch", "image")}
 POSITIVE = ("erank_avg", "entropy_avg")
 NON_NEGATIVE = ("tau_step", "tau_max", "tau", "ratio_slope")
 UNIT_INTERVAL = ("ratio", "ratio_min", "ratio_max")

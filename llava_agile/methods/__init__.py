@@ -5,6 +5,7 @@ inputs, batches, and sorts. No LLaVA imports here.
 """
 from .adaptive import adaptive
 from .basic import attention, none, random
+from .cdpruner import batch_relevance, cdpruner
 from .diversity import diversity, fps
 from .holov import holov
 from .hybrids import bat, mix, vispruner
@@ -25,11 +26,16 @@ REGISTRY = {
     "bat": (bat, dict(_RATIO, similarity_features=None, bat_knn=5)),
     "visionzip": (visionzip, dict(keys=None, contextual=None, cls_token=None)),
     "holov": (holov, dict(chunks=16, overflow="zeros")),
+    "cdpruner": (cdpruner, dict(image_embeds=None, text_embeds=None, normalize="batch")),
     "mix": (mix, dict(_RATIO)),
     "random": (random, dict(seed=0)),
     "none": (none, {}),
 }
 METHODS = tuple(REGISTRY)
+# the step that sees the whole batch (what couples images): params, B -> per-image arguments
+BATCH_STEPS = {"cdpruner": batch_relevance}
+# methods conditioned on the question: their text-side parameter
+TEXT = {"cdpruner": "text_embeds"}
 # methods that return features, not indices -> why (error messages say "method 'x' <why>, ...")
 MERGING = {"bat": "merges tokens", "visionzip": "merges tokens",
            "holov": "returns rows (chunk order, zero rows included)"}

@@ -1,10 +1,16 @@
 """Record what the official pre-LLM selection code returns on fixed inputs (golden files).
 
-    .venv/bin/python tests/official/record_selection.py --holov HOLOV [--out tests/official/golden]
+    .venv/bin/python tests/official/record_selection.py --holov HOLOV --cdpruner CDPRUNER \
+        [--out tests/official/golden]
 
 Each path is a checkout of the official repository; its commit is recorded in the golden file:
 - obananas/HoloV: `HoloV` of `llava/model/utils.py`, called as `llava_arch.py` calls it (features
   `[1, N, D]`, head-mean [CLS] attention `[1, N]`, `num_patches`, `new_image_token_num`), unchanged.
+- Theia-4869/CDPruner: `LlavaMetaForCausalLM.encode_images` of `llava/model/llava_arch.py`,
+  unchanged, on a stand-in model whose vision tower returns the case's (features, CLIP patch
+  embeddings, text embeddings) and whose projector is the identity; float64 default dtype (its
+  `cis` buffer), its similarity in float32 as written (`.float()`).
+Each method runs in a process of its own (the official repositories are `llava` packages).
 The inputs come from `selection_cases.py` (float64, numpy-drawn). An output row is recorded as
 the input token it equals (-1: a zero row).
 """
@@ -59,17 +65,51 @@ def record_holov(path):
     return {"commit": commit(path), "function": "llava/model/utils.py::HoloV", "cases": cases}
 
 
+def record_cdpruner(path):
+    sys.path.insert(0, path)  # the official `llava` package, not the installed one
+    from llava.model.llava_arch import LlavaMetaForCausalLM
+
+    torch.set_default_dtype(torch.float64)
+    cases = []
+    for seed, b, n, d, e, m, k in C.CDPRUNER:
+        x, image, text = C.cdpruner_inputs(seed, b, n, d, e, m)
+
+        class Inner(torch.nn.Module):
+            mm_projector = torch.nn.Identity()
+
+            def get_vision_tower(self):
+                return lambda images, texts=None: (x, image, text)
+
+        class Stub(LlavaMetaForCausalLM):
+            visual_token_num = k
+
+            def get_model(self):
+                return Inner()
+
+        _, masks = Stub().encode_images(None, texts="unused: the tower stand-in ignores it")
+        cases.append(dict(seed=seed, b=b, n=n, d=d, e=e, m=m, keep=k,
+                          indices=[mk.nonzero().flatten().tolist() for mk in masks]))
+    return {"commit": commit(path), "function": "llava/model/llava_arch.py::encode_images",
+            "cases": cases}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--holov", help="checkout of github:obananas/HoloV")
+    ap.add_argument("--cdpruner", help="checkout of github:Theia-4869/CDPruner")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "golden"))
     args = ap.parse_args()
     torch.set_num_threads(1)
-    recorders = {"holov": record_holov}
+    recorders = {"holov": record_holov, "cdpruner": record_cdpruner}
     todo = {name: getattr(args, name) for name in recorders if getattr(args, name)}
     if not todo:
         ap.error("give at least one checkout (--holov ...)")
     os.makedirs(args.out, exist_ok=True)
+    if len(todo) > 1:  # one process per official repository
+        for name, path in todo.items():
+            subprocess.run([sys.executable, __file__, f"--{name}", path, "--out", args.out],
+                           check=True)
+        return
     for name, path in todo.items():
         data = recorders[name](path)
         with open(os.path.join(args.out, f"{name}.json"), "w") as f:

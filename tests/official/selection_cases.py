@@ -32,3 +32,20 @@ def holov_inputs(seed: int, n: int, d: int, attention: str):
     if attention == "peaked":
         z[:72] += 6.0
     return torch.from_numpy(x), torch.from_numpy(softmax(z))
+
+
+# CDPruner: (seed, B, N, D, E, M, K); image 1 of a batch is shifted toward the text (it holds the lowest relevance), so the
+# official min-max over the whole batch differs from per image
+# (D above K: the official greedy produces NaN once K exceeds the kernel's rank)
+CDPRUNER = [(0, 1, 576, 96, 32, 1, 64), (1, 1, 576, 256, 32, 3, 128),
+            (2, 2, 576, 256, 32, 1, 96), (3, 2, 300, 48, 16, 2, 32), (4, 1, 100, 128, 16, 1, 30)]
+
+
+def cdpruner_inputs(seed: int, b: int, n: int, d: int, e: int, m: int):
+    """Projected tokens `[B, N, D]`, CLIP patch embeddings `[B, N, E]`, text rows `[M, E]`."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((b, n, d))
+    text = rng.standard_normal((m, e))
+    image = rng.standard_normal((b, n, e))
+    image[1:] += 0.5 * text.mean(0)  # later images: more similar to the text (the batch minimum)
+    return torch.from_numpy(x), torch.from_numpy(image), torch.from_numpy(text)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import selection_cases as C
-from llava_agile import prune
+from llava_agile import prune, select_tokens
 from llava_agile.methods.holov import EPS, chunk_scores
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -74,3 +74,55 @@ def test_holov_backfill_keeps_real_tokens_in_place_of_the_zero_rows():
     others = torch.tensor(sorted(set(range(case["n"])) - set(official)))
     assert torch.equal(rest, others[torch.sort(a[others], descending=True, stable=True).indices][:rest.numel()])
     assert torch.equal(res.features, x[st["attention_indices"]])
+
+
+def cdpruner_margin(x, image, text, k, normalize="batch") -> float:
+    """Smallest gap, over every image and greedy step, between the best and the second-best
+    residual gain, relative to the largest gain (the official kernel is float32)."""
+    from llava_agile.methods.cdpruner import _unit, relevance
+
+    r = relevance(image, [text] * x.shape[0], normalize)
+    margin = float("inf")
+    for b in range(x.shape[0]):
+        xn = _unit(x[b])
+        kernel = r[b][:, None] * (xn @ xn.T) * r[b][None, :]
+        di2s = torch.diagonal(kernel).clone()
+        scale = float(di2s.max())
+        cis = torch.zeros(k, x.shape[1], dtype=x.dtype)
+        for i in range(k):
+            top = torch.topk(di2s, 2).values
+            margin = min(margin, float(top[0] - top[1]) / scale)
+            j = int(torch.argmax(di2s))
+            eis = (kernel[j] - cis[:i, j] @ cis[:i]) / torch.sqrt(di2s[j])
+            cis[i] = eis
+            di2s -= eis * eis
+            di2s[j] = float("-inf")
+    return margin
+
+
+CDPRUNER_MARGIN = 1e-5  # the official similarity is float32 (~1e-7 relative)
+
+
+@pytest.mark.parametrize("case", golden("cdpruner")["cases"],
+                         ids=lambda c: f"B{c['b']}-{c['n']}-{c['keep']}")
+def test_cdpruner_equals_the_official_code(case):
+    x, image, text = C.cdpruner_inputs(case["seed"], case["b"], case["n"], case["d"], case["e"],
+                                       case["m"])
+    assert cdpruner_margin(x, image, text, case["keep"]) > CDPRUNER_MARGIN
+    idx = select_tokens(x, torch.ones(x.shape[:2], dtype=x.dtype), case["keep"], "cdpruner",
+                        image_embeds=image, text_embeds=text)
+    assert idx.tolist() == case["indices"]
+
+
+def test_cdpruner_batch_normalisation_couples_images_and_per_image_does_not():
+    case = next(c for c in golden("cdpruner")["cases"] if c["b"] == 2 and c["keep"] == 96)
+    x, image, text = C.cdpruner_inputs(case["seed"], 2, case["n"], case["d"], case["e"], case["m"])
+    a = torch.ones(x.shape[:2], dtype=x.dtype)
+    alone = [select_tokens(x[b], a[b], case["keep"], "cdpruner", image_embeds=image[b],
+                           text_embeds=text) for b in range(2)]
+    assert cdpruner_margin(x[:1], image[:1], text, case["keep"]) > CDPRUNER_MARGIN
+    assert alone[0].tolist() != case["indices"][0]  # the official batch: image 0 differs alone
+    per_image = select_tokens(x, a, case["keep"], "cdpruner", image_embeds=image,
+                              text_embeds=[text, text], normalize="image")
+    assert cdpruner_margin(x, image, text, case["keep"], "image") > CDPRUNER_MARGIN
+    assert [p.tolist() for p in per_image] == [t.tolist() for t in alone]

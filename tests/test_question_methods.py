@@ -1,0 +1,67 @@
+"""The question-conditioned methods where their official code computes NaN, and their errors.
+
+(Equality with the official code: tests/official/test_selection_official.py.)"""
+import pytest
+import torch
+
+from llava_agile import prune, select_tokens
+
+torch.set_num_threads(1)
+
+
+def embeds(n=12, e=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, e, generator=g, dtype=torch.float64),
+            torch.randn(2, e, generator=g, dtype=torch.float64))
+
+
+def test_cdpruner_beyond_the_kernel_rank_fills_by_relevance():
+    from llava_agile.methods.cdpruner import relevance
+
+    image, text = embeds()
+    x = torch.randn(12, 2, dtype=torch.float64)  # rank 2: the official repeats NaN picks
+    res = prune(x, torch.ones(12, dtype=torch.float64), 6, "cdpruner", image_embeds=image,
+                text_embeds=text)
+    st = res.stats[0]
+    assert st["dpp_steps"] <= 2 and res.indices.numel() == 6 == res.indices.unique().numel()
+    r = relevance(image[None], [text])[0]
+    first = set(select_tokens(x, torch.ones(12, dtype=x.dtype), st["dpp_steps"], "cdpruner",
+                              image_embeds=image, text_embeds=text).tolist())
+    rest = [i for i in torch.sort(r, descending=True, stable=True).indices.tolist()
+            if i not in first][:6 - len(first)]
+    assert res.indices.tolist() == sorted(first | set(rest))
+
+
+def test_cdpruner_zero_norm_tokens_and_constant_relevance_give_no_nan():
+    image, text = embeds()
+    x = torch.randn(12, 16, dtype=torch.float64)
+    x[3] = 0
+    idx = select_tokens(x, torch.ones(12, dtype=x.dtype), 5, "cdpruner", image_embeds=image,
+                        text_embeds=text)
+    assert 3 not in idx.tolist() and idx.numel() == 5
+    same = image[:1].expand(12, -1)  # every token equally relevant: max == min
+    idx = select_tokens(x, torch.ones(12, dtype=x.dtype), 5, "cdpruner", image_embeds=same,
+                        text_embeds=text)
+    assert idx.numel() == 5 == idx.unique().numel()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(), r"conditioned on the question: pass image_embeds"),
+    (dict(image_embeds=torch.randn(12, 8)), r"conditioned on the question"),
+    (dict(image_embeds=torch.randn(12, 8), text_embeds=torch.randn(2, 7)), r"E = 8 as image_embeds"),
+    (dict(image_embeds=torch.randn(12, 8), text_embeds=torch.randn(0, 8)), r"M >= 1"),
+    (dict(image_embeds=torch.randn(11, 8), text_embeds=torch.randn(2, 8)), r"image_embeds shape"),
+    (dict(image_embeds=torch.randn(12, 8), text_embeds=torch.full((2, 8), float("nan"))),
+     r"text_embeds contains NaN"),
+    (dict(image_embeds=torch.randn(12, 8), text_embeds=torch.randn(2, 8), normalize="row"),
+     r"normalize must be one of batch, image"),
+])
+def test_cdpruner_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        select_tokens(torch.randn(12, 16), torch.rand(12), 4, "cdpruner", **kwargs)
+
+
+def test_cdpruner_one_question_per_image_must_match_the_batch():
+    with pytest.raises(ValueError, match=r"list of B such tensors \(B = 3\)"):
+        select_tokens(torch.randn(3, 12, 16), torch.rand(3, 12), 4, "cdpruner",
+                      image_embeds=torch.randn(3, 12, 8), text_embeds=[torch.randn(2, 8)] * 2)
