@@ -54,6 +54,20 @@ def enable(model, *args, processor=None, **kwargs):
     _refuse(model)
 
 
+def set_question(model, question):
+    """cdpruner / trim: the question of the next call's images (a string, or one per image),
+    instead of the text the prompt gives after each image; used by that call only."""
+    kind = model_family(model)
+    if kind == "original":
+        from .llava.runtime import set_question as original_set_question
+        return original_set_question(model, question)
+    if kind == "hf":
+        from . import hf
+        return hf.set_question(model, question)
+    raise ValueError(f"set_question: {type(model).__name__} has no question-conditioned "
+                     f"method (cdpruner, trim run on LLaVA's own model and transformers' LLaVA)")
+
+
 def disable(model, processor=None):
     """Undo `enable` (and its processor patch); returns the model. No-op if not enabled."""
     if model_family(model) == "hf":

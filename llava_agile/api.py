@@ -8,7 +8,7 @@ import torch
 
 from . import backend
 from .config import check_keep, check_params, check_selection_method
-from .methods import BATCH_STEPS, MERGING, TEXT
+from .methods import BATCH_STEPS, MERGING, TEXT, variable_count
 from .metrics import entropy_of, erank_from_singular_values, singular_values
 
 # tensor parameters with one row per token
@@ -106,32 +106,36 @@ def _check_inputs(features, cls_attn, keep, method, params):
 
 
 def _check_text(method, params, batch):
-    """cdpruner: `image_embeds [.., N, E]` and `text_embeds` `[M, E]` (every image),
-    `[B, M, E]` or a list of B `[M_b, E]` (one question per image), E alike."""
-    name = TEXT[method]
-    image, text = params.get("image_embeds"), params.get(name)
+    """cdpruner / trim: `image_embeds [.., N, E]` and `text_embeds` `[M, E]` (every image),
+    `[B, M, E]` or a list of B `[M_b, E]` (one question per image), E alike; trim: M = 1."""
+    image, text = params.get("image_embeds"), params.get("text_embeds")
     if image is None or text is None:
         raise ValueError(f"{method} is conditioned on the question: pass image_embeds (CLIP "
-                         f"joint-space patch embeddings, [N, E] or [B, N, E]) and {name} (the "
-                         f"question's CLIP text embeddings, [M, E]); at model level give "
+                         f"joint-space patch embeddings, [N, E] or [B, N, E]) and text_embeds "
+                         f"(the question's CLIP text embeddings, [M, E]); at model level give "
                          f"text_tower= and a question")
     texts = [text] if isinstance(text, torch.Tensor) and text.dim() == 2 else list(text) \
         if isinstance(text, (list, tuple)) or isinstance(text, torch.Tensor) and text.dim() == 3 \
         else []
+    rows = TEXT[method]
     if len(texts) not in (1, batch) or not all(
             isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == 2
             and t.shape[0] > 0 and t.shape[1] == image.shape[-1] for t in texts):
-        raise ValueError(f"{name} must be a float tensor [M, E] (M >= 1 text rows, E = "
+        raise ValueError(f"text_embeds must be a float tensor [M, E] (M >= 1 text rows, E = "
                          f"{image.shape[-1]} as image_embeds), [B, M, E] or a list of B such "
                          f"tensors (B = {batch})")
+    if rows is not None and any(t.shape[0] != rows for t in texts):
+        raise ValueError(f"{method} takes one text embedding per image (M = 1: the official "
+                         f"truncates the question at the text tower's 77 tokens), got "
+                         f"{[t.shape[0] for t in texts]} rows")
     for t in texts:
-        _check_finite(name, t)
+        _check_finite("text_embeds", t)
 
 
 def _run(feats, attn, keep, method, params, with_stats=True):
     """Per image: (selected indices or merged features, method stats)."""
     n = feats.shape[1]
-    if keep >= n and not params.get("adaptive_count"):  # every method keeps every token
+    if keep >= n and not variable_count(method, params):  # every method keeps every token
         return [(torch.arange(n, device=feats.device), {}) for _ in range(feats.shape[0])]
     batch = backend.batch_implementation(method, feats.device)  # C++/CUDA extension, whole batch
     if batch is not None:
@@ -205,7 +209,7 @@ def prune(features: torch.Tensor, cls_attn: torch.Tensor, keep: int, method: str
                 st["erank"] = float(erank_from_singular_values(singular_values(feats[b], center)))
             st.setdefault("entropy", float(entropy_of(attn[b])))
         out_stats.append(st)
-    variable = bool(params.get("adaptive_count"))
+    variable = variable_count(method, params)
     merged = method in MERGING
 
     def pack(items):

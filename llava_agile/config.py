@@ -14,7 +14,8 @@ from .methods import REGISTRY
 METHODS = SELECTION_METHODS + inllm.METHODS  # every method name: before the LLM, then inside it
 
 CHOICES = {"ratio_rule": ("fixed", "adaptive", "inverse"), "complexity": ("erank", "entropy"),
-           "overflow": ("zeros", "backfill"), "normalize": ("batch", "image")}
+           "overflow": ("zeros", "backfill"), "scope": ("batch", "image"),
+           "count": ("fixed", "iqr")}
 POSITIVE = ("erank_avg", "entropy_avg")
 NON_NEGATIVE = ("tau_step", "tau_max", "tau", "ratio_slope")
 UNIT_INTERVAL = ("ratio", "ratio_min", "ratio_max")
@@ -142,8 +143,8 @@ class PruneConfig:
     """Which method, how many tokens, and the method's parameters (validated on creation).
 
     LLaVA-side options: `feature_space` ("projected": the paper's choice, or "vision": the
-    pre-projector CLIP features; default: "vision" for visionzip, whose official code merges
-    CLIP features, "projected" for every other method) and `anyres_mode` ("shared", "per_crop",
+    pre-projector CLIP features; default: "vision" for visionzip and trim, whose official code
+    merges CLIP features, "projected" for every other method) and `anyres_mode` ("shared", "per_crop",
     "global") for LLaVA-NeXT.
     `stats`: what `model.agile_stats` reports per image: "basic" (kept count, indices, time and
     what the method computed anyway) or "full" (also the full-token erank and attention entropy,
@@ -164,7 +165,7 @@ class PruneConfig:
         if self.method in inllm.METHODS:  # lists as tuples (PDrop's layers, ratios)
             self.params = {k: full[k] for k in self.params}
         if self.feature_space is None:
-            self.feature_space = "vision" if self.method == "visionzip" else "projected"
+            self.feature_space = "vision" if self.method in ("visionzip", "trim") else "projected"
         if self.feature_space not in ("projected", "vision"):
             raise ValueError(f"feature_space must be 'projected' or 'vision', got {self.feature_space!r}")
         if self.anyres_mode not in ("shared", "per_crop", "global"):

@@ -45,7 +45,8 @@ def pixels(tiny, *imgs):
     return process_images(list(imgs), tiny[3], tiny[2].config)
 
 
-@pytest.mark.parametrize("method", llava_agile.methods.METHODS)  # before the LLM
+# before the LLM; cdpruner / trim need a question: tests/test_llava_question.py
+@pytest.mark.parametrize("method", llava_agile.methods.IMAGE_ONLY)
 def test_every_method_feeds_k_tokens(tiny, method):
     model = tiny[2]
     x = pixels(tiny, tiny_image(0))

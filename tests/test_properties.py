@@ -14,6 +14,7 @@ import bruteforce as bf
 from llava_agile import attention_entropy, backend, erank, prune, select_tokens
 from llava_agile.methods import METHODS  # the tensor-level (pre-LLM) methods
 from llava_agile.methods import MERGING
+from question import question_params
 from test_ext_parity import adaptive_margin, ambiguity
 
 INDEX_METHODS = [m for m in METHODS if m not in MERGING]
@@ -180,11 +181,12 @@ def _case(seed, n=30, d=8, b=None):
 def test_every_method_returns_k_ascending_unique(method, dtype):
     for seed, keep in [(0, 1), (1, 7), (2, 29), (3, 30), (4, 100)]:
         x, a = _case(seed)
-        idx = select_tokens(x.to(dtype), a.to(dtype), keep, method=method)
+        q = question_params(method, x.to(dtype))
+        idx = select_tokens(x.to(dtype), a.to(dtype), keep, method=method, **q)
         k = 30 if method == "none" else min(keep, 30)
         assert idx.dtype == torch.long and idx.shape == (k,)
         assert bool((idx[1:] > idx[:-1]).all())
-        assert torch.equal(idx, select_tokens(x.to(dtype), a.to(dtype), keep, method=method))
+        assert torch.equal(idx, select_tokens(x.to(dtype), a.to(dtype), keep, method=method, **q))
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -193,9 +195,11 @@ def test_batch_equals_per_image_calls(method):
     params = {"erank_avg": 3.0} if method in ("adaptive", "vispruner", "bat", "mix") else {}
     if method in ("vispruner", "bat", "mix"):
         params["ratio_rule"] = "adaptive"
+    params.update(question_params(method, x, scope="image"))  # "batch" couples the images
     res = prune(x, a, 11, method=method, **params)
     for b in range(4):
-        one = prune(x[b], a[b], 11, method=method, **params)
+        one = prune(x[b], a[b], 11, method=method,
+                    **dict(params, **question_params(method, x[b], scope="image")))
         assert torch.equal(res.features[b], one.features)
         assert res.stats[b] == one.stats[0]
         if method not in MERGING:

@@ -53,8 +53,8 @@ def test_cdpruner_zero_norm_tokens_and_constant_relevance_give_no_nan():
     (dict(image_embeds=torch.randn(11, 8), text_embeds=torch.randn(2, 8)), r"image_embeds shape"),
     (dict(image_embeds=torch.randn(12, 8), text_embeds=torch.full((2, 8), float("nan"))),
      r"text_embeds contains NaN"),
-    (dict(image_embeds=torch.randn(12, 8), text_embeds=torch.randn(2, 8), normalize="row"),
-     r"normalize must be one of batch, image"),
+    (dict(image_embeds=torch.randn(12, 8), text_embeds=torch.randn(2, 8), scope="row"),
+     r"scope must be one of batch, image"),
 ])
 def test_cdpruner_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -65,3 +65,20 @@ def test_cdpruner_one_question_per_image_must_match_the_batch():
     with pytest.raises(ValueError, match=r"list of B such tensors \(B = 3\)"):
         select_tokens(torch.randn(3, 12, 16), torch.rand(3, 12), 4, "cdpruner",
                       image_embeds=torch.randn(3, 12, 8), text_embeds=[torch.randn(2, 8)] * 2)
+
+
+def test_trim_with_nothing_kept_gives_the_mean_token_only():
+    image, text = embeds()
+    x = torch.randn(12, 16, dtype=torch.float64)
+    a = torch.ones(12, dtype=x.dtype)
+    res = prune(x, a, 1, "trim", image_embeds=image, text_embeds=text[:1])
+    torch.testing.assert_close(res.features, x.mean(0, keepdim=True))
+    flat = image[:1].expand(12, -1)  # equal scores: no token above the fence (official: crash)
+    res = prune(x, a, 4, "trim", image_embeds=flat, text_embeds=text[:1], count="iqr")
+    assert res.stats[0]["outliers"] == 0 and res.features.shape == (1, 16)
+
+
+def test_trim_takes_one_text_row():
+    with pytest.raises(ValueError, match=r"trim takes one text embedding per image"):
+        prune(torch.randn(12, 16), torch.rand(12), 4, "trim", image_embeds=torch.randn(12, 8),
+              text_embeds=torch.randn(2, 8))

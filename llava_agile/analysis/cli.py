@@ -5,7 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..methods import METHODS
+from ..methods import IMAGE_ONLY as METHODS  # no question or text tower here
+from ..methods import TEXT
 
 PROG = "python -m llava_agile"
 DEFAULT_ASSETS = "out/assets"
@@ -19,6 +20,10 @@ def _methods(values) -> list[str]:
     out = list(METHODS) if out == ["all"] else out
     for m in out:
         check_method(m)
+        if m in TEXT:
+            raise ValueError(f"{m} is conditioned on the question and a CLIP text tower, which "
+                             f"the analysis commands do not load; evaluate it with the eval "
+                             f"scripts or llava_agile.enable(model, {m!r}, K, text_tower=...)")
     return out
 
 

@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from ..methods import METHODS
+from ..methods import IMAGE_ONLY as METHODS
 
 QUESTION = "Describe this image briefly."
 REAL_CHECKPOINT = "liuhaotian/llava-v1.5-7b"

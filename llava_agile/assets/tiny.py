@@ -144,6 +144,44 @@ def build_tiny_llava(out_dir: str, next: bool = False, seed: int = 0, image_size
     return path
 
 
+def _byte_chars() -> list[str]:
+    """GPT-2 / CLIP's printable stand-ins for the 256 bytes (`bytes_to_unicode`), in order."""
+    keep = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    extra = iter(range(256, 512))
+    return [chr(b if b in keep else next(extra)) for b in range(256)]
+
+
+def build_tiny_text_tower(vision_dir: str, out_dir: str, seed: int = 0) -> str:
+    """A CLIP checkpoint folder as openai's (vision tower + text tower + projections + tokenizer)
+    for cdpruner / trim: the vision weights of `vision_dir`, a random 2-layer text tower, a
+    character-level CLIP tokenizer (no merges; 77-token window). Returns `out_dir`."""
+    import json as _json
+
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, CLIPVisionModel
+
+    vision = CLIPVisionModel.from_pretrained(vision_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    chars = _byte_chars()
+    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    with open(os.path.join(out_dir, "vocab.json"), "w") as f:
+        _json.dump({t: i for i, t in enumerate(vocab)}, f)
+    with open(os.path.join(out_dir, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    CLIPTokenizer(os.path.join(out_dir, "vocab.json"), os.path.join(out_dir, "merges.txt"),
+                  model_max_length=77).save_pretrained(out_dir)
+    # eos_token_id=2 as openai's configs (transformers then pools at the largest token id)
+    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                bos_token_id=len(vocab) - 2, eos_token_id=2, projection_dim=16)
+    cfg = CLIPConfig(text_config=text, vision_config=dict(vision.config.to_dict(),
+                     projection_dim=16), projection_dim=16)
+    model = CLIPModel(cfg)
+    _init_(model, torch.Generator().manual_seed(seed + 1))
+    model.vision_model.load_state_dict(vision.vision_model.state_dict())
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
 def load_tiny(path: str):
     """(tokenizer, model, image_processor, context_len) through LLaVA's builder (via
     `llava_agile.load_pretrained_model`), float32 on CPU."""

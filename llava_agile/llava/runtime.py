@@ -13,7 +13,7 @@ import torch
 
 from ..config import PruneConfig
 from ..inllm import METHODS as INLLM_METHODS
-from ..methods import MERGING
+from ..methods import MERGING, TEXT
 from ..selection import crop_mask, crop_stats, flat_tokens, needs_keys
 from ..selection import select as _select  # shared with llava_agile.hf
 from . import compat
@@ -97,6 +97,7 @@ class _State:
         self.pending = None
         self.keys = None  # the select layer's patch keys of the last tower call (visionzip)
         self.cls = None   # ... and its [CLS] hidden states `[B, Dv]` (visionzip)
+        self.questions = None  # cdpruner / trim: llava_agile.text.Questions
 
     def remove(self):
         self.hook.remove()
@@ -120,11 +121,13 @@ def _tower(model, state, images: torch.Tensor):
 
 def _flat_tokens(model, state, clip, attn):
     """LLaVA-1.5: one crop per image; K tokens (or merged features) per image."""
+    q = state.questions
+    text = None if q is None else q.inputs(clip, q.take(clip.shape[0]))
     return flat_tokens(state.config, model.get_model().mm_projector, clip, attn,
-                       keys=state.keys, cls=state.cls)
+                       keys=state.keys, cls=state.cls, text=text)
 
 
-def _image_tokens(model, cfg, clip, attn, proj, image_size, keys=None, cls=None):
+def _image_tokens(model, cfg, clip, attn, proj, image_size, keys=None, cls=None, text=None):
     """One image given as crops (`[n, N, .]`): LLaVA's merge with the kept tokens only."""
     n, N = attn.shape
     merge = getattr(model.config, "mm_patch_merge_type", "flat")
@@ -143,7 +146,7 @@ def _image_tokens(model, cfg, clip, attn, proj, image_size, keys=None, cls=None)
     if cfg.method in MERGING:
         if cls is not None and cfg.feature_space != "vision":
             cls = model.get_model().mm_projector(cls)
-        res, ms = _select(cfg, space, attn, clip, cfg.keep, keys, cls)
+        res, ms = _select(cfg, space, attn, clip, cfg.keep, keys, cls, text)
         f = res.features[0]
         f = model.get_model().mm_projector(f) if cfg.feature_space == "vision" else f
         st = dict(res.stats[0], crops=1, kept=int(f.shape[0]), prune_ms=ms)
@@ -153,7 +156,8 @@ def _image_tokens(model, cfg, clip, attn, proj, image_size, keys=None, cls=None)
 
     # global: K over the base crop and every high-res cell LLaVA keeps
     candidates = None if layout is None else layout.candidates(N)
-    mask, st, ms, extra = crop_mask(cfg, space, attn, clip, candidates)
+    mask, st, ms, extra = crop_mask(cfg, space, attn, clip, candidates,
+                                    None if text is None else (text[0], text[1][0]))
 
     if layout is not None:
         tokens, fed = assemble(proj[0], mask[0], proj[1:], mask[1:], layout, newline)
@@ -170,12 +174,15 @@ def _list_tokens(model, state, images, image_sizes):
     sizes = [x.shape[0] for x in images]
     clip, attn = _tower(model, state, torch.cat(images))
     proj = model.get_model().mm_projector(clip)
+    q = state.questions
+    questions = None if q is None else q.take(len(images))
     feats, stats = [], []
     parts = zip(clip.split(sizes), attn.split(sizes), proj.split(sizes))
     for i, (c, a, p) in enumerate(parts):
         size = image_sizes[i] if image_sizes is not None else None
         keys, cls = (None if t is None else t.split(sizes)[i] for t in (state.keys, state.cls))
-        f, st = _image_tokens(model, state.config, c, a, p, size, keys, cls)
+        text = None if q is None else q.inputs(c, [questions[i]])  # the image's crops
+        f, st = _image_tokens(model, state.config, c, a, p, size, keys, cls, text)
         feats.append(f)
         stats.append(st)
     return feats, stats
@@ -198,7 +205,14 @@ def _prepare_inputs_labels_for_multimodal(self, input_ids, position_ids, attenti
     if self.get_vision_tower() is None or images is None or input_ids.shape[1] == 1:
         return orig(input_ids, position_ids, attention_mask, past_key_values, labels, images,
                     image_sizes)
-    feats, stats = visual_tokens(self, images, image_sizes)
+    if state.questions is not None:  # cdpruner / trim: the question after each image
+        from llava.constants import IMAGE_TOKEN_INDEX
+        state.questions.read_prompt(input_ids, attention_mask, IMAGE_TOKEN_INDEX)
+    try:
+        feats, stats = visual_tokens(self, images, image_sizes)
+    finally:
+        if state.questions is not None:
+            state.questions.prompt = None
     self.agile_stats = stats
     # LLaVA's 4-D path calls encode_images once and splices its result per image: hand it ours
     state.pending = feats
@@ -245,7 +259,8 @@ def _install(model, state, methods: dict):
 
 
 def enable(model, method="adaptive", keep: int | None = None, *, feature_space: str | None = None,
-           anyres_mode: str | None = None, stats: str | None = None, **params):
+           anyres_mode: str | None = None, stats: str | None = None,
+           text_tower: str | None = None, tokenizer=None, **params):
     """Prune the visual tokens of a loaded LLaVA model; returns the model.
 
     `enable(model, "adaptive", 64, erank_avg=95)`, or `enable(model, PruneConfig(...))` / a dict.
@@ -257,10 +272,16 @@ def enable(model, method="adaptive", keep: int | None = None, *, feature_space: 
     image's full-token erank and attention entropy (an eigendecomposition per image).
     The in-LLM methods (fastv, pdrop, dart) feed every image token to the LLM, whose decoder
     layers drop them (`llava_agile.llava.inllm`); their stats add `layer_tokens` / `avg_tokens`.
+    cdpruner / trim: `text_tower`, the CLIP checkpoint folder with the text tower (default: the
+    vision tower's path); the question is the prompt's text after each image (decoded with
+    `tokenizer`, default: the model folder's), or `llava_agile.set_question(model, text)`.
     """
     compat.check_transformers()
     cfg = as_config(method, keep, feature_space, anyres_mode, stats, **params)
     _check_model(model, cfg)
+    if (text_tower is not None or tokenizer is not None) and cfg.method not in TEXT:
+        raise ValueError(f"text_tower= and tokenizer= are for the question-conditioned methods "
+                         f"({', '.join(TEXT)}), not {cfg.method!r}")
     if is_enabled(model):
         disable(model)
     if cfg.method in INLLM_METHODS:
@@ -271,11 +292,38 @@ def enable(model, method="adaptive", keep: int | None = None, *, feature_space: 
         tower = model.get_vision_tower()
         state = _State(cfg, ClsAttentionHook(attention_module(tower), keys=zip_,
                                              block=select_block(tower) if zip_ else None))
+        if cfg.method in TEXT:
+            state.questions = _questions(model, cfg.method, text_tower, tokenizer)
         names = PATCHED if compat.needs_cache_position_shim() else PATCHED[:2]
         _install(model, state, {n: types.MethodType(_IMPL[n], model) for n in names})
     model.agile_config = cfg
     model.agile_stats = []
     return model
+
+
+def _questions(model, method, path, tokenizer):
+    from ..text import Questions, TextTower
+
+    tower = model.get_vision_tower()
+    text = TextTower(path or tower.vision_tower_name, tower.device)
+    if tokenizer is None:  # LLaVA's builder loads it from the model folder
+        from transformers import AutoTokenizer
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model.config._name_or_path, use_fast=False,
+                                                      local_files_only=True)
+        except (OSError, ValueError):
+            tokenizer = None  # read_prompt then asks for tokenizer= or set_question
+    return Questions(method, text, tokenizer)
+
+
+def set_question(model, question):
+    """cdpruner / trim: the question of the next call's images (one string, or one per image),
+    instead of the prompt's text; used by that call only."""
+    state = model.__dict__.get("_agile_state")
+    if state is None or getattr(state, "questions", None) is None:
+        raise ValueError(f"set_question is for a model enabled with a question-conditioned "
+                         f"method ({', '.join(TEXT)})")
+    state.questions.set(question)
 
 
 def disable(model):

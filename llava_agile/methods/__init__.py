@@ -8,6 +8,7 @@ from .basic import attention, none, random
 from .cdpruner import batch_relevance, cdpruner
 from .diversity import diversity, fps
 from .holov import holov
+from .trim import batch_scores, trim
 from .hybrids import bat, mix, vispruner
 from .visionzip import visionzip
 
@@ -26,16 +27,24 @@ REGISTRY = {
     "bat": (bat, dict(_RATIO, similarity_features=None, bat_knn=5)),
     "visionzip": (visionzip, dict(keys=None, contextual=None, cls_token=None)),
     "holov": (holov, dict(chunks=16, overflow="zeros")),
-    "cdpruner": (cdpruner, dict(image_embeds=None, text_embeds=None, normalize="batch")),
+    "cdpruner": (cdpruner, dict(image_embeds=None, text_embeds=None, scope="batch")),
+    "trim": (trim, dict(image_embeds=None, text_embeds=None, count="fixed", scope="batch")),
     "mix": (mix, dict(_RATIO)),
     "random": (random, dict(seed=0)),
     "none": (none, {}),
 }
 METHODS = tuple(REGISTRY)
 # the step that sees the whole batch (what couples images): params, B -> per-image arguments
-BATCH_STEPS = {"cdpruner": batch_relevance}
-# methods conditioned on the question: their text-side parameter
-TEXT = {"cdpruner": "text_embeds"}
+BATCH_STEPS = {"cdpruner": batch_relevance, "trim": batch_scores}
+# methods conditioned on the question -> text rows each takes per image (None: any number)
+TEXT = {"cdpruner": None, "trim": 1}
+IMAGE_ONLY = tuple(m for m in METHODS if m not in TEXT)  # the methods that need no question
+
+
+def variable_count(method: str, params: dict) -> bool:
+    """Does the number of tokens per image depend on the image (not only on `keep`)?"""
+    return bool(params.get("adaptive_count")) or (method == "trim" and params.get("count") == "iqr")
 # methods that return features, not indices -> why (error messages say "method 'x' <why>, ...")
 MERGING = {"bat": "merges tokens", "visionzip": "merges tokens",
-           "holov": "returns rows (chunk order, zero rows included)"}
+           "holov": "returns rows (chunk order, zero rows included)",
+           "trim": "merges tokens (the mean of the dropped ones)"}

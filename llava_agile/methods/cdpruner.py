@@ -32,12 +32,12 @@ def _unit(t: torch.Tensor) -> torch.Tensor:
     return t / t.norm(dim=-1, keepdim=True).clamp_min(NORM_FLOOR)
 
 
-def relevance(image_embeds: torch.Tensor, text_embeds: list, normalize: str = "batch"):
+def relevance(image_embeds: torch.Tensor, text_embeds: list, scope: str = "batch"):
     """`[B, N, E]` patch embeddings and one `[M_b, E]` text embedding per image -> `[B, N]`."""
     ie = _unit(image_embeds)
     r = torch.stack([-(ie[b] @ _unit(t).to(ie.dtype).T).mean(dim=-1)
                      for b, t in enumerate(text_embeds)])
-    if normalize == "batch":
+    if scope == "batch":
         lo, hi = r.min(), r.max()
     else:
         lo, hi = r.min(dim=1, keepdim=True).values, r.max(dim=1, keepdim=True).values
@@ -52,10 +52,11 @@ def batch_relevance(params: dict, n_images: int) -> list[dict]:
     image_embeds = image_embeds if image_embeds.dim() == 3 else image_embeds[None]
     texts = [text] * n_images if isinstance(text, torch.Tensor) and text.dim() == 2 \
         else list(text)
-    r = relevance(image_embeds, texts, params.pop("normalize"))
+    r = relevance(image_embeds, texts, params.pop("scope"))
     return [{"relevance": r[b]} for b in range(n_images)]
 
 
+@torch.no_grad()
 def greedy_map(kernel: torch.Tensor, k: int) -> tuple[list[int], int]:
     """Fast greedy MAP inference on `[N, N]`: (picks in order, how many had a positive gain)."""
     n = kernel.shape[0]

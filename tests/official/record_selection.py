@@ -1,7 +1,7 @@
 """Record what the official pre-LLM selection code returns on fixed inputs (golden files).
 
     .venv/bin/python tests/official/record_selection.py --holov HOLOV --cdpruner CDPRUNER \
-        [--out tests/official/golden]
+        --trim TRIM [--out tests/official/golden]
 
 Each path is a checkout of the official repository; its commit is recorded in the golden file:
 - obananas/HoloV: `HoloV` of `llava/model/utils.py`, called as `llava_arch.py` calls it (features
@@ -10,6 +10,10 @@ Each path is a checkout of the official repository; its commit is recorded in th
   unchanged, on a stand-in model whose vision tower returns the case's (features, CLIP patch
   embeddings, text embeddings) and whose projector is the identity; float64 default dtype (its
   `cis` buffer), its similarity in float32 as written (`.float()`).
+- FreedomIntelligence/TRIM: `CLIPVisionTower.token_reduction` of
+  `llava/model/multimodal_encoder/clip_encoder.py`, unchanged, on a stand-in tower whose
+  `post_layernorm` and `visual_projection` are the identity (so the case's features are their own
+  joint-space embeddings), float64 (neither of its fp16 / fp32 casts applies), gradients off.
 Each method runs in a process of its own (the official repositories are `llava` packages).
 The inputs come from `selection_cases.py` (float64, numpy-drawn). An output row is recorded as
 the input token it equals (-1: a zero row).
@@ -93,14 +97,36 @@ def record_cdpruner(path):
             "cases": cases}
 
 
+def record_trim(path):
+    from types import SimpleNamespace
+
+    mod = load("trim_clip_encoder", os.path.join(path, "llava/model/multimodal_encoder/clip_encoder.py"))
+    torch.set_grad_enabled(False)  # it calls .numpy()
+    same = lambda t: t  # noqa: E731
+    cases = []
+    for seed, b, n, d, func in C.TRIM:
+        x, text = C.trim_inputs(seed, b, n, d)
+        stub = SimpleNamespace(token_reduce_func=func, vision_tower=SimpleNamespace(
+            vision_model=SimpleNamespace(post_layernorm=same), visual_projection=same))
+        out, dims = mod.CLIPVisionTower.token_reduction(stub, x, None, text)
+        kept = dims[0] - 1
+        cases.append(dict(seed=seed, b=b, n=n, d=d, func=func, kept=kept,
+                          indices=[rows_to_indices(out[i, :kept], x[i]) for i in range(b)],
+                          mean=[out[i, kept].tolist() for i in range(b)],
+                          zero_after=bool((out[:, kept + 1:] == 0).all())))
+    return {"commit": commit(path), "function": "llava/model/multimodal_encoder/clip_encoder.py"
+            "::CLIPVisionTower.token_reduction", "cases": cases}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--holov", help="checkout of github:obananas/HoloV")
     ap.add_argument("--cdpruner", help="checkout of github:Theia-4869/CDPruner")
+    ap.add_argument("--trim", help="checkout of github:FreedomIntelligence/TRIM")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "golden"))
     args = ap.parse_args()
     torch.set_num_threads(1)
-    recorders = {"holov": record_holov, "cdpruner": record_cdpruner}
+    recorders = {"holov": record_holov, "cdpruner": record_cdpruner, "trim": record_trim}
     todo = {name: getattr(args, name) for name in recorders if getattr(args, name)}
     if not todo:
         ap.error("give at least one checkout (--holov ...)")

@@ -49,3 +49,16 @@ def cdpruner_inputs(seed: int, b: int, n: int, d: int, e: int, m: int):
     image = rng.standard_normal((b, n, e))
     image[1:] += 0.5 * text.mean(0)  # later images: more similar to the text (the batch minimum)
     return torch.from_numpy(x), torch.from_numpy(image), torch.from_numpy(text)
+
+
+# TRIM: (seed, B, N, D, the official `mm_vision_token_reduce_func`)
+TRIM = [(0, 1, 576, 32, "TRIM:-1"), (1, 1, 576, 32, "TRIM:0.11"), (2, 3, 576, 32, "TRIM:-1"),
+        (3, 1, 100, 16, "TRIM:0.3"), (4, 2, 576, 24, "TRIM:0.22")]
+
+
+def trim_inputs(seed: int, b: int, n: int, d: int):
+    """CLIP features `[B, N, D]` (also their joint-space embeddings: the official projection is
+    replaced by the identity) and the text embedding `[1, D]`."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((b, n, d))
+    return torch.from_numpy(x), torch.from_numpy(rng.standard_normal((1, d)) * 0.3)

@@ -76,12 +76,12 @@ def test_holov_backfill_keeps_real_tokens_in_place_of_the_zero_rows():
     assert torch.equal(res.features, x[st["attention_indices"]])
 
 
-def cdpruner_margin(x, image, text, k, normalize="batch") -> float:
+def cdpruner_margin(x, image, text, k, scope="batch") -> float:
     """Smallest gap, over every image and greedy step, between the best and the second-best
     residual gain, relative to the largest gain (the official kernel is float32)."""
     from llava_agile.methods.cdpruner import _unit, relevance
 
-    r = relevance(image, [text] * x.shape[0], normalize)
+    r = relevance(image, [text] * x.shape[0], scope)
     margin = float("inf")
     for b in range(x.shape[0]):
         xn = _unit(x[b])
@@ -123,6 +123,51 @@ def test_cdpruner_batch_normalisation_couples_images_and_per_image_does_not():
     assert cdpruner_margin(x[:1], image[:1], text, case["keep"]) > CDPRUNER_MARGIN
     assert alone[0].tolist() != case["indices"][0]  # the official batch: image 0 differs alone
     per_image = select_tokens(x, a, case["keep"], "cdpruner", image_embeds=image,
-                              text_embeds=[text, text], normalize="image")
+                              text_embeds=[text, text], scope="image")
     assert cdpruner_margin(x, image, text, case["keep"], "image") > CDPRUNER_MARGIN
     assert [p.tolist() for p in per_image] == [t.tolist() for t in alone]
+
+
+def trim_margin(x, text, n, iqr) -> float:
+    """Relative distance of the nearest score to the cut: the n-th / (n+1)-th largest, or (IQR)
+    the fence, which the official computes in float32 (~1e-7 relative)."""
+    from llava_agile.methods.trim import scores
+
+    s = torch.stack([scores(x[b], text[0]) for b in range(x.shape[0])])
+    if iqr:
+        v = s.flatten()
+        q1, q3 = torch.quantile(v, 0.25), torch.quantile(v, 0.75)
+        fence = q3 + 1.5 * (q3 - q1)
+        return float((v - fence).abs().min() / fence)
+    return min(_gap(s[b], n) / float(s[b].max()) for b in range(x.shape[0]))
+
+
+@pytest.mark.parametrize("case", golden("trim")["cases"], ids=lambda c: f"B{c['b']}-{c['func']}")
+def test_trim_equals_the_official_code(case):
+    x, text = C.trim_inputs(case["seed"], case["b"], case["n"], case["d"])
+    iqr = case["func"] == "TRIM:-1"
+    assert trim_margin(x, text, case["kept"], iqr) > 1e-5
+    params = dict(count="iqr") if iqr else {}
+    keep = 64 if iqr else case["kept"] + 1  # fixed: K - 1 tokens and the mean token
+    res = prune(x, torch.ones(x.shape[:2], dtype=x.dtype), keep, "trim", image_embeds=x,
+                text_embeds=text, **params)
+    for b in range(case["b"]):
+        st = res.stats[b]
+        assert st["attention_indices"] == case["indices"][b]
+        assert res.features[b].shape[0] == case["kept"] + 1
+        torch.testing.assert_close(res.features[b][:-1], x[b, case["indices"][b]], rtol=0, atol=0)
+        torch.testing.assert_close(res.features[b][-1], torch.tensor(case["mean"][b],
+                                   dtype=x.dtype), rtol=1e-12, atol=1e-12)
+
+
+def test_trim_iqr_per_image_differs_from_the_coupled_batch():
+    case = next(c for c in golden("trim")["cases"] if c["b"] == 3)
+    x, text = C.trim_inputs(case["seed"], 3, case["n"], case["d"])
+    from llava_agile.methods.trim import iqr_outliers, scores
+
+    a = torch.ones(x.shape[:2], dtype=x.dtype)
+    res = prune(x, a, 64, "trim", image_embeds=x, text_embeds=text, count="iqr", scope="image")
+    alone = [iqr_outliers(scores(x[b], text[0])) for b in range(3)]
+    assert [st["outliers"] for st in res.stats] == alone
+    assert alone != [case["kept"]] * 3  # the official batch keeps the same count everywhere
+    assert [f.shape[0] for f in res.features] == [n + 1 for n in alone]
