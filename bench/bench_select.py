@@ -11,6 +11,7 @@ adaptive <= 1.25 (T_gram + T_eig), constant-tau selection <= 0.5 T_gram, diversi
     python bench/bench_select.py                  # full grid, one thread, out/bench_select.json
     python bench/bench_select.py --quick          # the target configurations only
     python bench/bench_select.py --device cuda    # GPU (targets: adaptive <= 0.5 ms, selection <= 0.1 ms)
+    python bench/bench_select.py --baselines      # cdpruner, trim, holov, prumerge_plus vs T_gram
 """
 from __future__ import annotations
 
@@ -97,6 +98,36 @@ def machine(device: str) -> dict:
     return info
 
 
+def baselines(args, sync) -> list[dict]:
+    """The reference implementations of the paper's other baselines (B=1, fp32) against the
+    Gram-matrix floor: is any worth a kernel? CDPruner's greedy MAP is O(N K^2)."""
+    from llava_agile import prune
+
+    rows = []
+    print(f"{'D':>5} {'K':>4} {'method':<14} {'ms':>9} {'T_gram':>7} {'/T_gram':>8}")
+    for d in args.dims:
+        x, a = llava_like(1, d, torch.float32, args.device)
+        emb = torch.randn(1, N, 768, device=args.device)
+        txt = torch.randn(1, 768, device=args.device)
+        for k in args.keeps:
+            calls = {
+                "T_gram": lambda: x[0] @ x[0].T,
+                "cdpruner": lambda: prune(x, a, k, "cdpruner", stats=False, image_embeds=emb,
+                                          text_embeds=txt),
+                "trim": lambda: prune(x, a, k, "trim", stats=False, image_embeds=emb,
+                                      text_embeds=txt),
+                "holov": lambda: prune(x, a, k, "holov", stats=False),
+                "prumerge_plus": lambda: prune(x, a, k, "prumerge_plus", stats=False)}
+            t = timed(calls, args.repeat, sync)
+            gram = t["T_gram"][0]
+            for m in list(calls)[1:]:
+                rows.append(dict(d=d, k=k, method=m, ms=t[m][0] * 1e3, t_gram_ms=gram * 1e3,
+                                 over_gram=t[m][0] / gram))
+                print(f"{d:5d} {k:4d} {m:<14} {t[m][0] * 1e3:9.3f} {gram * 1e3:7.3f} "
+                      f"{t[m][0] / gram:8.2f}", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -108,6 +139,8 @@ def main(argv=None) -> int:
     p.add_argument("--keeps", type=int, nargs="+", default=[32, 64, 128, 192])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--dtypes", nargs="+", default=["fp32", "fp16"], choices=("fp32", "fp16"))
+    p.add_argument("--baselines", action="store_true",
+                   help="time cdpruner, trim, holov and prumerge_plus (reference) instead")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
                                                  "out", "bench_select.json"),
                    help="JSON results (default out/bench_select.json)")
@@ -116,6 +149,16 @@ def main(argv=None) -> int:
         p.error("--threads and --repeat must be >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible")
+    if args.baselines:
+        torch.set_num_threads(args.threads)
+        sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+        rows = baselines(args, sync)
+        out = {"machine": machine(args.device), "n_tokens": N, "repeat": args.repeat,
+               "rows": rows}
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+        return 0
     if not llava_agile.ext_available(args.device):
         p.error(f"the extension cannot run on {args.device}: {backend.unavailable_reason(args.device)}")
     torch.set_num_threads(args.threads)

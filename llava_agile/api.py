@@ -141,8 +141,8 @@ def _run(feats, attn, keep, method, params, with_stats=True):
     if batch is not None:
         return batch(feats, attn, keep, params, with_stats)
     impl = backend.implementation(method, feats.device)
-    step = BATCH_STEPS.get(method)  # cdpruner: relevance normalised over the batch
-    images = step(params, feats.shape[0]) if step else [{}] * feats.shape[0]
+    step = BATCH_STEPS.get(method)  # statistics over the whole batch (cdpruner, trim, prumerge+)
+    images = step(params, attn) if step else [{}] * feats.shape[0]
     per_token = {name: params.pop(name) for name in PER_TOKEN if params.get(name) is not None}
     cls = params.pop("cls_token", None)
     out = []

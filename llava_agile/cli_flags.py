@@ -24,7 +24,8 @@ def add_pruning_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     group.add_argument("--pruning-args", default=None, metavar="KEY=VALUE,...",
                        help="method parameters, e.g. erank_avg=95,tau_max=0.3; also "
                             "feature_space=projected|vision, anyres_mode=shared|per_crop|global, "
-                            "stats=basic|full (full: also each image's erank and entropy)")
+                            "stats=basic|full (full: also each image's erank and entropy), "
+                            "text_tower=CLIP_FOLDER (cdpruner, trim)")
     group.add_argument("--erank-avg-file", default=None, metavar="FILE",
                        help="calibration JSON giving erank_avg (adaptive and the hybrids)")
     return parser

@@ -9,7 +9,7 @@ from typing import Any
 
 from . import inllm
 from .methods import METHODS as SELECTION_METHODS
-from .methods import REGISTRY
+from .methods import REGISTRY, TEXT, VISION_SPACE
 
 METHODS = SELECTION_METHODS + inllm.METHODS  # every method name: before the LLM, then inside it
 
@@ -143,12 +143,14 @@ class PruneConfig:
     """Which method, how many tokens, and the method's parameters (validated on creation).
 
     LLaVA-side options: `feature_space` ("projected": the paper's choice, or "vision": the
-    pre-projector CLIP features; default: "vision" for visionzip and trim, whose official code
-    merges CLIP features, "projected" for every other method) and `anyres_mode` ("shared", "per_crop",
+    pre-projector CLIP features; default: "vision" for visionzip, trim and prumerge_plus, whose
+    official codes merge CLIP features, "projected" for every other method) and `anyres_mode` ("shared", "per_crop",
     "global") for LLaVA-NeXT.
     `stats`: what `model.agile_stats` reports per image: "basic" (kept count, indices, time and
     what the method computed anyway) or "full" (also the full-token erank and attention entropy,
     an eigendecomposition per image: for analysis).
+    `text_tower` (cdpruner, trim): the CLIP checkpoint with the text tower (a folder or a hub id
+    in the local cache; None: the model's vision tower).
     """
     method: str = "adaptive"
     keep: int = 64
@@ -156,6 +158,7 @@ class PruneConfig:
     feature_space: str | None = None  # None: the method's default (see above)
     anyres_mode: str = "shared"
     stats: str = "basic"
+    text_tower: str | None = None
 
     def __post_init__(self):
         check_method(self.method)
@@ -165,12 +168,15 @@ class PruneConfig:
         if self.method in inllm.METHODS:  # lists as tuples (PDrop's layers, ratios)
             self.params = {k: full[k] for k in self.params}
         if self.feature_space is None:
-            self.feature_space = "vision" if self.method in ("visionzip", "trim") else "projected"
+            self.feature_space = "vision" if self.method in VISION_SPACE else "projected"
         if self.feature_space not in ("projected", "vision"):
             raise ValueError(f"feature_space must be 'projected' or 'vision', got {self.feature_space!r}")
         if self.anyres_mode not in ("shared", "per_crop", "global"):
             raise ValueError(f"anyres_mode must be 'shared', 'per_crop' or 'global', "
                              f"got {self.anyres_mode!r}")
+        if self.text_tower is not None and self.method not in TEXT:
+            raise ValueError(f"text_tower is for the question-conditioned methods "
+                             f"({', '.join(TEXT)}), not {self.method!r}")
         if self.stats not in STATS:
             raise ValueError(f"stats must be 'basic' (kept tokens, indices, time) or 'full' (also "
                              f"the full-token erank and entropy), got {self.stats!r}")
@@ -186,12 +192,15 @@ class PruneConfig:
             if "erank_avg" not in REGISTRY[check_method(method)][1]:
                 raise ValueError(f"--erank-avg-file: method {method!r} does not use erank_avg")
             params.setdefault("erank_avg", load_erank_avg(erank_avg_file))
-        for key in ("feature_space", "anyres_mode", "stats"):
+        for key in ("feature_space", "anyres_mode", "stats", "text_tower"):
             if key in params:
                 kwargs.setdefault(key, params.pop(key))
         return cls(method=method, keep=keep, params=params, **kwargs)
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "keep": self.keep, "params": dict(self.params),
-                "feature_space": self.feature_space, "anyres_mode": self.anyres_mode,
-                "stats": self.stats}
+        out = {"method": self.method, "keep": self.keep, "params": dict(self.params),
+               "feature_space": self.feature_space, "anyres_mode": self.anyres_mode,
+               "stats": self.stats}
+        if self.text_tower is not None:
+            out["text_tower"] = self.text_tower
+        return out

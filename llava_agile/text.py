@@ -6,7 +6,6 @@ Framework-neutral: transformers' CLIP classes only (every environment has them).
 """
 from __future__ import annotations
 
-import os
 import re
 
 import torch
@@ -48,11 +47,6 @@ class TextTower:
                                   CLIPVisionModelWithProjection)
         from transformers.utils import logging
 
-        if not os.path.isfile(os.path.join(str(path), "config.json")):
-            raise ValueError(f"text_tower={path!r} is not a local CLIP checkpoint folder (no "
-                             f"config.json): cdpruner and trim need a CLIP text tower, e.g. "
-                             f"LLaVA-1.5's vision tower openai/clip-vit-large-patch14-336 "
-                             f"downloaded to a folder")
         self.path = str(path)
         verbosity = logging.get_verbosity()
         logging.set_verbosity_error()  # the skipped vision layers are reported as unused weights
@@ -65,9 +59,9 @@ class TextTower:
                 path, local_files_only=True, torch_dtype=torch.float32, num_hidden_layers=0)
         except (OSError, ValueError, KeyError) as exc:
             raise ValueError(f"text_tower={path!r}: cannot load a CLIP text tower, tokenizer "
-                             f"and visual projection from it ({type(exc).__name__}: {exc}); give "
-                             f"a full CLIP checkpoint such as openai/clip-vit-large-patch14-336"
-                             ) from exc
+                             f"and visual projection from it, offline ({type(exc).__name__}: "
+                             f"{exc}); give a local folder or cached hub id of a full CLIP "
+                             f"checkpoint such as openai/clip-vit-large-patch14-336") from exc
         finally:
             logging.set_verbosity(verbosity)
         self.post_layernorm = vision.vision_model.post_layernorm.to(device)
@@ -119,8 +113,9 @@ class Questions:
         self.given = qs
 
     def read_prompt(self, input_ids: torch.Tensor, attention_mask, image_token: int) -> None:
-        """Per image of `input_ids [B, L]` (in order): the text after its row's last image
-        placeholder, decoded with the model's tokenizer, up to the end of the user's turn."""
+        """Per image of `input_ids [B, L]` (in order; an image is one placeholder or a run of
+        them): the text after its row's last placeholder, decoded with the model's tokenizer,
+        up to the end of the user's turn."""
         if self.given is not None:
             return
         if self.tokenizer is None:
@@ -131,11 +126,12 @@ class Questions:
         for b, row in enumerate(input_ids):
             if attention_mask is not None:
                 row = row[attention_mask[b].bool()]
-            places = (row == image_token).nonzero().flatten()
-            if places.numel():
-                text = self.tokenizer.decode(row[int(places[-1]) + 1:].tolist(),
-                                             skip_special_tokens=True)
-                out += [question_from_prompt(text, self.method)] * places.numel()
+            image = row == image_token
+            starts = int((image[1:] & ~image[:-1]).sum() + image[:1].sum())
+            if starts:
+                last = int(image.nonzero().flatten()[-1])
+                text = self.tokenizer.decode(row[last + 1:].tolist(), skip_special_tokens=True)
+                out += [question_from_prompt(text, self.method)] * starts
         self.prompt = out
 
     def take(self, n_images: int) -> list[str]:

@@ -36,6 +36,8 @@ def instrument(model, records):
         out = generate(inputs, *args, **kwargs)
         records[-1]["kept"] = [s.get("kept") for s in getattr(model, "agile_stats", None) or []]
         records[-1]["stat_keys"] = [sorted(s) for s in getattr(model, "agile_stats", None) or []]
+        records[-1]["questions"] = [s.get("question") for s in
+                                    getattr(model, "agile_stats", None) or []]
         return out
 
     model.generate = probed_generate

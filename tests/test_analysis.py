@@ -91,9 +91,9 @@ def test_analyze_writes_one_record_per_image(analyzed):
                 ai = x["attention_indices"]          # ... but those kept by attention have
                 n_att = k // 2 if x["method"] == "bat" else {16: 12, 32: 26}[k]  # K - C - CLS
                 assert ai == sorted(set(ai)) and len(ai) == n_att and ai[-1] < N
-            elif x["method"] == "holov":             # rows in chunk order, maybe zero rows
-                ai = x["attention_indices"]
-                assert x["indices"] is None and len(set(ai)) == len(ai) <= k
+            elif x["method"] in ("holov", "prumerge_plus"):  # kept rows in their order
+                ai = x["attention_indices"]              # (holov: maybe zero rows; prumerge+:
+                assert x["indices"] is None and len(set(ai)) == len(ai) <= k  # + the rest)
             else:
                 assert x["indices"] == sorted(set(x["indices"])) and len(x["indices"]) == k
                 assert 0 <= x["indices"][0] and x["indices"][-1] < N

@@ -110,10 +110,12 @@ def test_question_errors(tiny):
     model = t["model"]
     with pytest.raises(ValueError, match=r"cannot load a CLIP text tower"):
         llava_agile.enable(model, "cdpruner", 16)  # the tiny vision tower has no text tower
-    with pytest.raises(ValueError, match=r"not a local CLIP checkpoint folder"):
+    with pytest.raises(ValueError, match=r"cannot load a CLIP text tower.*offline"):
         llava_agile.enable(model, "trim", 16, text_tower="/nonexistent/clip")
-    with pytest.raises(ValueError, match=r"text_tower= and tokenizer= are for the question"):
+    with pytest.raises(ValueError, match=r"text_tower is for the question-conditioned methods"):
         llava_agile.enable(model, "adaptive", 16, text_tower=t["text"])
+    with pytest.raises(ValueError, match=r"tokenizer= is for the question-conditioned"):
+        llava_agile.enable(model, "adaptive", 16, tokenizer=t["tokenizer"])
     llava_agile.enable(model, "adaptive", 16)
     with pytest.raises(ValueError, match=r"set_question is for a model enabled with a question"):
         llava_agile.set_question(model, "what?")

@@ -213,3 +213,23 @@ def test_in_llm_method_generates_and_refuses_the_loss(env):
     rc, log, _ = lmms(env, env["root"] / "out-fastv-mc", f"pretrained={model},pruning=fastv,"
                       f"keep={KEEP}", tasks="tiny_agile_mc")
     assert rc != 0 and "computing a loss is not supported" in log
+
+
+def test_question_method_reads_the_request(env):
+    """CDPruner through `--model llava_agile`: the text tower from pruning_args, the question
+    from each request's prompt (recorded per image), K tokens per image."""
+    from llava_agile.assets.tiny import build_tiny_text_tower
+
+    text = build_tiny_text_tower(os.path.join(env["model"], "clip-vision"),
+                                 str(env["root"] / "clip-text"))
+    out = env["root"] / "out-cdpruner"
+    rc, log, res = lmms(env, out, f"pretrained={env['model']},pruning=cdpruner,keep={KEEP},"
+                                  f"pruning_args=\"text_tower={text}\"")
+    assert rc == 0, log[-4000:]
+    text_len = text_tokens(env["model"])
+    for r in samples(out, "tiny_agile_gen"):
+        assert r["token_counts"][0]["input_tokens"] == text_len + KEEP
+    (folder,) = glob.glob(os.path.join(str(out), "*"))
+    with open(os.path.join(folder, "agile_stats.json")) as f:
+        records = json.load(f)["samples"]
+    assert records and all(r["questions"] == [QUESTION] for r in records)

@@ -302,3 +302,23 @@ def test_loader_in_llm_methods(setup, tmp_path, method, extra, counts, monkeypat
     logged = _answers(stats_file)
     assert [(x["kept"], x["avg_tokens"]) for x in logged] == [([keep], [sum(counts) / 4])] * 3
     assert len(_answers(answers)) == 3
+
+
+@pytest.mark.parametrize("method,keep,question", [
+    ("cdpruner", 16, "What is in this image?"),   # its loader drops the answer-format line
+    ("trim", 9, "What is in this image? Answer the question using a single word or phrase.")])
+def test_loader_question_methods(setup, method, keep, question):
+    """The question reaches cdpruner / trim from the prompt LLaVA's loader builds (the tiny
+    tokenizer turns the newline into a space); the text tower comes from --pruning-args."""
+    from llava_agile.assets.tiny import build_tiny_text_tower
+
+    text = os.path.join(setup["work"], "clip-text")
+    if not os.path.isdir(text):
+        build_tiny_text_tower(os.path.join(setup["model"], "clip-vision"), text)
+    answers = os.path.join(setup["work"], f"answers-{method}.jsonl")
+    rc, out, err, data = run_probe(setup["work"], _loader_args(
+        setup, answers, "--pruning", method, "--keep", str(keep), "--pruning-args",
+        f"text_tower={text}"))
+    assert rc == 0, err[-3000:]
+    _check_prefill(data["records"], keep)
+    assert [r["questions"] for r in data["records"]] == [[question]] * 3

@@ -12,7 +12,7 @@ import warnings
 
 from ..inllm import METHODS as INLLM_METHODS
 from ..llava.runtime import as_config
-from ..methods import MERGING
+from ..methods import MERGING, TEXT
 from . import llm as _inllm
 from . import model as _model
 from . import processor as _processor
@@ -49,26 +49,35 @@ def is_enabled(model) -> bool:
 
 
 def enable(model, processor=None, method="adaptive", keep: int | None = None, *,
-           feature_space: str | None = None, anyres_mode: str | None = None, **params):
+           feature_space: str | None = None, anyres_mode: str | None = None,
+           text_tower: str | None = None, **params):
     """Prune the visual tokens of an HF LLaVA / LLaVA-NeXT model; returns the model.
 
     The processor instance is patched to emit K placeholders per image (LLaVA-NeXT: K in the
     `global` anyres mode, plus its newlines), so `model.generate(**processor(...))` feeds the LLM
     K tokens per image. `adaptive_count=True` and NeXT's `shared` / `per_crop` modes give
     data-dependent counts: use `llava_agile.generate(model, **inputs, ...)` for them.
+    cdpruner / trim: `text_tower`, the CLIP checkpoint the vision tower comes from (with its text
+    tower); the question is the prompt's text after each image (or `set_question`).
     Qwen2.5-VL (transformers 5.x): `llava_agile.hf.qwen.enable`.
     """
     if getattr(getattr(model, "config", None), "model_type", None) == "qwen2_5_vl":
         if anyres_mode is not None:
             raise ValueError("anyres_mode is for LLaVA-NeXT; Qwen2.5-VL prunes each image")
         from . import qwen
-        return qwen.enable(model, processor, method, keep, feature_space=feature_space, **params)
+        return qwen.enable(model, processor, method, keep, feature_space=feature_space,
+                           text_tower=text_tower, **params)
     check_transformers()
     kind = family(model)
     if kind is None:
         raise ValueError(f"{type(model).__name__} is not a supported HF model; supported: "
                          f"{', '.join(SUPPORTED.values())}")
-    cfg = as_config(method, keep, feature_space, anyres_mode, **params)
+    cfg = as_config(method, keep, feature_space, anyres_mode, text_tower=text_tower, **params)
+    if cfg.method in TEXT and cfg.text_tower is None:
+        raise ValueError(f"{cfg.method} needs text_tower=: the CLIP checkpoint (folder or cached "
+                         f"hub id) the vision tower comes from, e.g. "
+                         f"openai/clip-vit-large-patch14-336 for LLaVA-1.5 (transformers' LLaVA "
+                         f"does not record its name)")
     if cfg.method in MERGING and kind == "llava_next":
         raise ValueError(f"method {cfg.method!r} {MERGING[cfg.method]}, which have no grid position, so "
                          f"it cannot run on LLaVA-NeXT (anyres) crops; pick an index method")
@@ -81,7 +90,7 @@ def enable(model, processor=None, method="adaptive", keep: int | None = None, *,
         disable(model)
     if cfg.method in INLLM_METHODS:   # every image token reaches the LLM: no processor patch
         return _inllm.enable(model, cfg)
-    state = _model.new_state(model, cfg, kind)
+    state = _model.new_state(model, cfg, kind, processor)
     state.fixed_count = not cfg.params.get("adaptive_count") and \
         (kind == "llava" or cfg.anyres_mode == "global")
     try:
@@ -95,6 +104,15 @@ def enable(model, processor=None, method="adaptive", keep: int | None = None, *,
     model.agile_config = cfg
     model.agile_stats = []
     return model
+
+
+def set_question(model, question):
+    """cdpruner / trim: the question of the next call's images (see `llava_agile.set_question`)."""
+    state = getattr(model, "__dict__", {}).get("_agile_state")
+    if getattr(state, "questions", None) is None:
+        raise ValueError(f"set_question is for a model enabled with a question-conditioned "
+                         f"method ({', '.join(TEXT)})")
+    state.questions.set(question)
 
 
 def disable(model, processor=None):

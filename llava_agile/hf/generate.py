@@ -82,6 +82,8 @@ def prepare(model, input_ids=None, pixel_values=None, attention_mask=None, image
                          "outputs: llava_agile.generate(model, **inputs, max_new_tokens=...))")
     if state.family == "llava_next" and image_sizes is None:
         raise ValueError("LLaVA-NeXT needs image_sizes (pass the processor's outputs)")
+    if state.questions is not None:  # cdpruner / trim: the question after each image
+        state.prompt = (input_ids, attention_mask)
     with torch.no_grad():
         out, kept, full = _encode(model, state, pixel_values, image_sizes)
     cfg = model.config

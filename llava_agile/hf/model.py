@@ -16,8 +16,9 @@ import warnings
 
 import torch
 
-from ..llava.attention import ClsAttentionHook, select_layer_index
-from ..selection import crop_mask, crop_stats, flat_tokens, needs_keys
+from ..llava.attention import hook_for, select_layer_index
+from ..methods import TEXT
+from ..selection import crop_mask, crop_stats, flat_tokens
 
 SUPPORTED = {"llava": "LlavaForConditionalGeneration",
              "llava_next": "LlavaNextForConditionalGeneration"}
@@ -91,6 +92,8 @@ class State:
         self.projector_inputs: list = []
         self.keys = None          # the select layer's patch keys of the last tower call
         self.cls = None           # ... and its [CLS] hidden states (visionzip)
+        self.questions = None     # cdpruner / trim: llava_agile.text.Questions
+        self.prompt = None        # ... and the running forward's (input_ids, attention_mask)
 
 
 def _warn_keep(state, n: int) -> None:
@@ -156,8 +159,14 @@ def llava_get_image_features(state, orig):
                                f"layer (features {tuple(clip.shape)}), got "
                                f"{None if rows is None else tuple(rows.shape)}")
         _warn_keep(state, rows.shape[1])
+        text = questions = None
+        if state.questions is not None:
+            questions = _questions(state, clip.shape[0])
+            text = state.questions.inputs(clip[:, cls:], questions)
         feats, stats = flat_tokens(cfg, state.inner.multi_modal_projector, clip[:, cls:], rows,
-                                   proj[:, cls:], state.keys, None if cls else state.cls)
+                                   proj[:, cls:], state.keys, None if cls else state.cls, text)
+        if questions is not None:
+            stats = [dict(st, question=q) for st, q in zip(stats, questions)]
         if cls:  # "full": the [CLS] token is fed as transformers does, in front of the kept ones
             feats = [torch.cat([proj[b, :1], f]) for b, f in enumerate(feats)]
         state.full_lengths = [int(f.shape[0]) for f in full]
@@ -214,6 +223,7 @@ def next_pack_image_features(state, orig):
                                                             device=rows.device)
         packed, _ = orig(codes, image_sizes, vision_feature_select_strategy, image_newline=nl)
         cfg, feats, start = state.config, [], 0
+        questions = None if state.questions is None else _questions(state, len(image_features))
         for i, proj in enumerate(image_features):
             n = proj.shape[0]
             c, a = clip[start:start + n], rows[start:start + n]
@@ -221,12 +231,18 @@ def next_pack_image_features(state, orig):
             code = packed[i][:, 0].round().long()
             cells = code[code > 0] - 1
             space = c if cfg.feature_space == "vision" else proj
-            mask, st, ms, extra = crop_mask(cfg, space, a, c, (cells // N, cells % N))
+            text = None
+            if questions is not None:  # the image's crops and its question
+                emb, (t,) = state.questions.inputs(c, questions[i:i + 1])
+                text = (emb, t)
+            mask, st, ms, extra = crop_mask(cfg, space, a, c, (cells // N, cells % N), text)
             keep = (code == 0) | mask.flatten()[(code - 1).clamp_min(0)]
             tokens = full[i][keep]
             fed = torch.zeros(n * N, dtype=torch.bool, device=mask.device)
             fed[cells[keep[code > 0]]] = True
             state.stats.append(crop_stats(st, extra, fed.view(n, N), int(tokens.shape[0]), ms))
+            if questions is not None:
+                state.stats[-1]["question"] = questions[i]
             feats.append(tokens)
         state.full_lengths = [int(f.shape[0]) for f in full]
         lens = torch.tensor([f.shape[0] for f in feats], dtype=torch.long,
@@ -249,9 +265,44 @@ def patch(model, state) -> None:
                              f"version (pip install -e .[hf])")
         state.saved[name] = inner.__dict__.get(name, _MISSING)
         setattr(inner, name, make(state, getattr(inner, name)))
+    if state.questions is not None:  # cdpruner / trim read the question in the prompt
+        _keep_prompts(model, state)
+
+
+def _prompt(args, kwargs):
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    return None if ids is None else (ids, kwargs.get("attention_mask"))
+
+
+def _keep_prompts(model, state) -> None:
+    """The prompt reaches `get_image_features` through `state.prompt`: from the inner model's
+    forward (4.x, or a direct call), or from `generate` (5.x encodes images before the
+    prefill, from the pixels only)."""
+    def keep(module, args, kwargs):
+        state.prompt = _prompt(args, kwargs)
+
+    state.prompt_hook = state.inner.register_forward_pre_hook(keep, with_kwargs=True)
+    orig = model.generate
+
+    @functools.wraps(orig)
+    def generate(*args, **kwargs):
+        state.prompt = _prompt(args, kwargs)
+        try:
+            return orig(*args, **kwargs)
+        finally:
+            state.prompt = None
+
+    state.generate_saved = model.__dict__.get("generate", _MISSING)
+    model.generate = generate
 
 
 def unpatch(state) -> None:
+    if getattr(state, "prompt_hook", None) is not None:
+        state.prompt_hook.remove()
+        if state.generate_saved is _MISSING:
+            state.owner.__dict__.pop("generate", None)
+        else:
+            state.owner.generate = state.generate_saved
     for name, value in state.saved.items():
         if value is _MISSING:
             state.inner.__dict__.pop(name, None)
@@ -260,12 +311,29 @@ def unpatch(state) -> None:
     state.hook.remove()
 
 
-def new_state(model, cfg, kind) -> State:
+def new_state(model, cfg, kind, processor) -> State:
     inner = model.model
     attn = attention_module(inner)
-    zip_ = needs_keys(cfg.method)  # visionzip: also the keys and the select block's [CLS] output
-    block = next(m for m in encoder_layers(inner.vision_tower) if m.self_attn is attn)
-    state = State(cfg, kind, inner, ClsAttentionHook(attn, keys=zip_,
-                                                     block=block if zip_ else None))
+    layers = encoder_layers(inner.vision_tower)
+    index = next(i for i, m in enumerate(layers) if m.self_attn is attn)
+    state = State(cfg, kind, inner, hook_for(cfg.method, layers, index))
     state.owner = model
+    if cfg.method in TEXT:
+        from ..text import Questions, TextTower
+        state.questions = Questions(cfg.method, TextTower(cfg.text_tower, model.device),
+                                    getattr(processor, "tokenizer", None))
     return state
+
+
+def _questions(state, n_images: int):
+    """cdpruner / trim: this call's questions (given, else read from the forward's prompt)."""
+    q = state.questions
+    if state.prompt is not None:  # used once: a later direct call must not reuse it
+        (ids, mask), state.prompt = state.prompt, None
+        config = state.inner.config
+        q.read_prompt(ids, mask, getattr(config, "image_token_id",
+                                         getattr(config, "image_token_index", None)))
+    try:
+        return q.take(n_images)
+    finally:
+        q.prompt = None

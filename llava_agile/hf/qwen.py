@@ -34,7 +34,7 @@ import torch
 
 from .. import inllm
 from ..llava.runtime import as_config
-from ..methods import MERGING
+from ..methods import MERGING, TEXT
 from ..metrics import compute_dtype
 from ..selection import select
 from . import llm
@@ -366,6 +366,10 @@ def enable(model, processor=None, method="adaptive", keep: int | None = None, *,
                              f"use fastv or dart (kept tokens keep their M-RoPE positions)")
         disable(model)
         return llm.enable(model, cfg)
+    if cfg.method in TEXT:
+        raise ValueError(f"{cfg.method} is conditioned on the question with a CLIP text tower, "
+                         f"which Qwen2.5-VL's vision encoder has no counterpart of; it runs on "
+                         f"LLaVA-1.5 / NeXT")
     if cfg.method in MERGING:
         raise ValueError(f"method {cfg.method!r} {MERGING[cfg.method]}, which have no single (t, h, w) "
                          f"M-RoPE position (and visionzip needs a [CLS] layer's keys); pick an "

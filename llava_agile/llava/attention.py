@@ -3,6 +3,8 @@
 The vision tower keeps its normal (fast) attention path: no `output_attentions=True`. The hook
 sees the attention module's input, projects the CLS query and all keys with the module's own
 `q_proj`/`k_proj`, and keeps the softmax row of the CLS query, averaged over heads, patches only.
+PruMerge+ instead hooks the block after the select layer and keeps one full-width head's row and
+its full keys (`single_head`).
 With `keys=True` it also keeps that layer's patch keys (`k_proj` output averaged over heads:
 VisionZip's similarity metric, as its patched `CLIPAttention.forward` returns it) and, from a
 second hook on the block, the block's [CLS] output (the CLS row of `hidden_states[select_layer]`,
@@ -39,6 +41,28 @@ def attention_module(tower) -> torch.nn.Module:
     return select_block(tower).self_attn
 
 
+def next_attention_module(layers, select_index: int) -> torch.nn.Module:
+    """The attention module of the block after the select one (PruMerge+ scores with it: its
+    input is the select layer's output, normed)."""
+    if select_index + 1 >= len(layers):
+        raise ValueError("prumerge_plus scores with the vision block after the select layer, and "
+                         "the select layer is the tower's last; use a model whose select layer "
+                         "is not the last (LLaVA: -2)")
+    return layers[select_index + 1].self_attn
+
+
+@torch.no_grad()
+def single_head_row(attn: torch.nn.Module, hidden: torch.Tensor):
+    """PruMerge+'s [CLS] row: the module's q / k over the full width as one head (scale
+    `1 / sqrt(width)`, the module's own scaling not applied), softmax over every key, [CLS]
+    column dropped -> (`[B, T-1]`, the patch keys `[B, T-1, width]`)."""
+    dtype = compute_dtype(hidden)
+    q = attn.q_proj(hidden[:, :1]).to(dtype)
+    k = attn.k_proj(hidden).to(dtype)
+    row = torch.softmax(q @ k.transpose(-1, -2) * k.shape[-1] ** -0.5, dim=-1)  # [B, 1, T]
+    return row[:, 0, 1:], k[:, 1:]
+
+
 @torch.no_grad()
 def cls_attention_row(attn: torch.nn.Module, hidden: torch.Tensor, with_keys: bool = False):
     """`[B, T, C]` input of a CLIP attention module -> `[B, T-1]` CLS row (head mean); with
@@ -63,8 +87,9 @@ class ClsAttentionHook:
     module's CLIP block, that block's [CLS] output, read with `stop_cls`)."""
 
     def __init__(self, module: torch.nn.Module, keys: bool = False,
-                 block: torch.nn.Module | None = None):
+                 block: torch.nn.Module | None = None, single_head: bool = False):
         self.module = module
+        self.single_head = single_head  # PruMerge+: one head over the full width, full keys
         self.rows: list[torch.Tensor] = []
         self.with_keys = keys
         self.keys: list[torch.Tensor] = []
@@ -80,7 +105,10 @@ class ClsAttentionHook:
     def _hook(self, module, args, kwargs, output):
         if self.active:
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            if self.with_keys:
+            if self.single_head:
+                row, keys = single_head_row(module, hidden)
+                self.keys.append(keys)
+            elif self.with_keys:
                 row, keys = cls_attention_row(module, hidden, with_keys=True)
                 self.keys.append(keys)
             else:
@@ -111,3 +139,14 @@ class ClsAttentionHook:
         self.handle.remove()
         if self.block_handle is not None:
             self.block_handle.remove()
+
+
+def hook_for(method: str, layers, select_index: int) -> ClsAttentionHook:
+    """The [CLS]-attention hook `method` needs on a CLIP tower's blocks: PruMerge+'s on the block
+    after the select one; VisionZip's with the select layer's keys and [CLS] output; else the
+    select layer's head-mean row."""
+    if method == "prumerge_plus":
+        return ClsAttentionHook(next_attention_module(layers, select_index), single_head=True)
+    block = layers[select_index]
+    zip_ = method == "visionzip"
+    return ClsAttentionHook(block.self_attn, keys=zip_, block=block if zip_ else None)

@@ -14,15 +14,15 @@ import torch
 from ..config import PruneConfig
 from ..inllm import METHODS as INLLM_METHODS
 from ..methods import MERGING, TEXT
-from ..selection import crop_mask, crop_stats, flat_tokens, needs_keys
+from ..selection import crop_mask, crop_stats, flat_tokens
 from ..selection import select as _select  # shared with llava_agile.hf
 from . import compat
 from .anyres import assemble, grid_layout
-from .attention import ClsAttentionHook, attention_module, select_block
+from .attention import ClsAttentionHook, attention_module, hook_for, select_layer_index
 
 PATCHED = ("prepare_inputs_labels_for_multimodal", "encode_images", "prepare_inputs_for_generation")
 _MISSING = object()
-_FIELDS = ("method", "keep", "params", "feature_space", "anyres_mode", "stats")
+_FIELDS = ("method", "keep", "params", "feature_space", "anyres_mode", "stats", "text_tower")
 
 
 # ---------------------------------------------------------------- configuration
@@ -36,17 +36,17 @@ def config_from_dict(d: dict) -> PruneConfig:
 
 
 def as_config(method="adaptive", keep=None, feature_space=None, anyres_mode=None, stats=None,
-              **params) -> PruneConfig:
+              text_tower=None, **params) -> PruneConfig:
     """A PruneConfig from `enable`'s arguments (a PruneConfig, a dict, or method/keep/params)."""
     if isinstance(method, (PruneConfig, dict)):
         if keep is not None or feature_space is not None or anyres_mode is not None \
-                or stats is not None or params:
+                or stats is not None or text_tower is not None or params:
             raise ValueError("pass either a PruneConfig (or dict) or method/keep/parameters, "
                              "not both")
         cfg = method if isinstance(method, PruneConfig) else config_from_dict(method)
     elif isinstance(method, str):
         extra = {k: v for k, v in (("feature_space", feature_space), ("anyres_mode", anyres_mode),
-                                   ("stats", stats)) if v is not None}
+                                   ("stats", stats), ("text_tower", text_tower)) if v is not None}
         cfg = PruneConfig(method=method, keep=64 if keep is None else keep, params=params, **extra)
     else:
         raise ValueError(f"pruning must be a method name, a PruneConfig or a dict, "
@@ -122,9 +122,13 @@ def _tower(model, state, images: torch.Tensor):
 def _flat_tokens(model, state, clip, attn):
     """LLaVA-1.5: one crop per image; K tokens (or merged features) per image."""
     q = state.questions
-    text = None if q is None else q.inputs(clip, q.take(clip.shape[0]))
-    return flat_tokens(state.config, model.get_model().mm_projector, clip, attn,
-                       keys=state.keys, cls=state.cls, text=text)
+    if q is None:
+        return flat_tokens(state.config, model.get_model().mm_projector, clip, attn,
+                           keys=state.keys, cls=state.cls)
+    questions = q.take(clip.shape[0])
+    feats, stats = flat_tokens(state.config, model.get_model().mm_projector, clip, attn,
+                               text=q.inputs(clip, questions))
+    return feats, [dict(st, question=qu) for st, qu in zip(stats, questions)]
 
 
 def _image_tokens(model, cfg, clip, attn, proj, image_size, keys=None, cls=None, text=None):
@@ -183,6 +187,8 @@ def _list_tokens(model, state, images, image_sizes):
         keys, cls = (None if t is None else t.split(sizes)[i] for t in (state.keys, state.cls))
         text = None if q is None else q.inputs(c, [questions[i]])  # the image's crops
         f, st = _image_tokens(model, state.config, c, a, p, size, keys, cls, text)
+        if questions is not None:
+            st["question"] = questions[i]
         feats.append(f)
         stats.append(st)
     return feats, stats
@@ -277,10 +283,10 @@ def enable(model, method="adaptive", keep: int | None = None, *, feature_space: 
     `tokenizer`, default: the model folder's), or `llava_agile.set_question(model, text)`.
     """
     compat.check_transformers()
-    cfg = as_config(method, keep, feature_space, anyres_mode, stats, **params)
+    cfg = as_config(method, keep, feature_space, anyres_mode, stats, text_tower, **params)
     _check_model(model, cfg)
-    if (text_tower is not None or tokenizer is not None) and cfg.method not in TEXT:
-        raise ValueError(f"text_tower= and tokenizer= are for the question-conditioned methods "
+    if tokenizer is not None and cfg.method not in TEXT:
+        raise ValueError(f"tokenizer= is for the question-conditioned methods "
                          f"({', '.join(TEXT)}), not {cfg.method!r}")
     if is_enabled(model):
         disable(model)
@@ -288,12 +294,13 @@ def enable(model, method="adaptive", keep: int | None = None, *, feature_space: 
         from . import inllm
         inllm.enable(model, cfg, _install)
     else:
-        zip_ = needs_keys(cfg.method)  # visionzip: also the keys and the CLS output
         tower = model.get_vision_tower()
-        state = _State(cfg, ClsAttentionHook(attention_module(tower), keys=zip_,
-                                             block=select_block(tower) if zip_ else None))
+        attention_module(tower)  # checks the tower and its select layer
+        layers = tower.vision_tower.vision_model.encoder.layers
+        state = _State(cfg, hook_for(cfg.method, layers,
+                                     select_layer_index(tower.select_layer, len(layers))))
         if cfg.method in TEXT:
-            state.questions = _questions(model, cfg.method, text_tower, tokenizer)
+            state.questions = _questions(model, cfg.method, cfg.text_tower, tokenizer)
         names = PATCHED if compat.needs_cache_position_shim() else PATCHED[:2]
         _install(model, state, {n: types.MethodType(_IMPL[n], model) for n in names})
     model.agile_config = cfg

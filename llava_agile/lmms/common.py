@@ -165,11 +165,14 @@ class AgileLmms:
             out.append(tc)
             if (req.metadata or {}).get("__padding_only__"):
                 continue
-            self.agile_records.append({
+            record = {
                 "task": req.task_name, "doc_id": req.doc_id, "request": req.request_type,
                 "images": counts[i], "prefill": tc.input_tokens, "output": tc.output_tokens,
                 "kept": [s.get("kept") for s in images],
-                "prune_ms": [round(float(s.get("prune_ms", 0.0)), 4) for s in images]})
+                "prune_ms": [round(float(s.get("prune_ms", 0.0)), 4) for s in images]}
+            if any("question" in s for s in images):  # cdpruner / trim: what they were given
+                record["questions"] = [s.get("question") for s in images]
+            self.agile_records.append(record)
         return out
 
     def _fail(self, what):

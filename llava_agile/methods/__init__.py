@@ -8,6 +8,7 @@ from .basic import attention, none, random
 from .cdpruner import batch_relevance, cdpruner
 from .diversity import diversity, fps
 from .holov import holov
+from .prumerge import batch_counts, prumerge_plus
 from .trim import batch_scores, trim
 from .hybrids import bat, mix, vispruner
 from .visionzip import visionzip
@@ -29,22 +30,25 @@ REGISTRY = {
     "holov": (holov, dict(chunks=16, overflow="zeros")),
     "cdpruner": (cdpruner, dict(image_embeds=None, text_embeds=None, scope="batch")),
     "trim": (trim, dict(image_embeds=None, text_embeds=None, count="fixed", scope="batch")),
+    "prumerge_plus": (prumerge_plus, dict(keys=None, count="fixed", scope="batch")),
     "mix": (mix, dict(_RATIO)),
     "random": (random, dict(seed=0)),
     "none": (none, {}),
 }
 METHODS = tuple(REGISTRY)
 # the step that sees the whole batch (what couples images): params, B -> per-image arguments
-BATCH_STEPS = {"cdpruner": batch_relevance, "trim": batch_scores}
+BATCH_STEPS = {"cdpruner": batch_relevance, "trim": batch_scores, "prumerge_plus": batch_counts}
 # methods conditioned on the question -> text rows each takes per image (None: any number)
 TEXT = {"cdpruner": None, "trim": 1}
 IMAGE_ONLY = tuple(m for m in METHODS if m not in TEXT)  # the methods that need no question
+VISION_SPACE = ("visionzip", "trim", "prumerge_plus")  # official: merge the CLIP features
 
 
 def variable_count(method: str, params: dict) -> bool:
     """Does the number of tokens per image depend on the image (not only on `keep`)?"""
-    return bool(params.get("adaptive_count")) or (method == "trim" and params.get("count") == "iqr")
+    return bool(params.get("adaptive_count")) or params.get("count") == "iqr"  # trim, prumerge+
 # methods that return features, not indices -> why (error messages say "method 'x' <why>, ...")
 MERGING = {"bat": "merges tokens", "visionzip": "merges tokens",
            "holov": "returns rows (chunk order, zero rows included)",
-           "trim": "merges tokens (the mean of the dropped ones)"}
+           "trim": "merges tokens (the mean of the dropped ones)",
+           "prumerge_plus": "merges tokens"}

@@ -46,10 +46,11 @@ def relevance(image_embeds: torch.Tensor, text_embeds: list, scope: str = "batch
     return torch.where(span > 0, out, torch.ones_like(out))
 
 
-def batch_relevance(params: dict, n_images: int) -> list[dict]:
+def batch_relevance(params: dict, attn: torch.Tensor) -> list[dict]:
     """The batch step (what couples images): per-image `relevance`; pops the embeddings."""
     image_embeds, text = params.pop("image_embeds"), params.pop("text_embeds")
     image_embeds = image_embeds if image_embeds.dim() == 3 else image_embeds[None]
+    n_images = attn.shape[0]
     texts = [text] * n_images if isinstance(text, torch.Tensor) and text.dim() == 2 \
         else list(text)
     r = relevance(image_embeds, texts, params.pop("scope"))

@@ -55,3 +55,20 @@ def greedy_max_min(dist: torch.Tensor, selected: list[int], k: int) -> list[int]
         chosen[i] = True
         min_d = torch.minimum(min_d, dist[i])
     return selected
+
+
+def iqr_outliers(values: torch.Tensor) -> int:
+    """How many values lie strictly above `Q3 + 1.5 (Q3 - Q1)` (linear quantiles, float64)."""
+    v = values.flatten().double()
+    q1, q3 = torch.quantile(v, 0.25), torch.quantile(v, 0.75)
+    return int((v > q3 + 1.5 * (q3 - q1)).sum())
+
+
+def iqr_counts(values: torch.Tensor, scope: str) -> list[int]:
+    """Per row of `[B, N]`: how many tokens TRIM / PruMerge+ keep by the IQR rule. "batch" (both
+    official codes): one count for every image, `int(N * outliers / (B N))` over the flattened
+    batch (float rounding as written); "image": each row's own outliers."""
+    b, n = values.shape
+    if scope == "batch":
+        return [int(n * (iqr_outliers(values) / values.numel()))] * b
+    return [iqr_outliers(values[i]) for i in range(b)]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..metrics import compute_dtype
-from .common import attention_order
+from .common import attention_order, iqr_counts
 
 
 def scores(image_embeds: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -27,29 +27,19 @@ def scores(image_embeds: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     return torch.softmax(-(ie @ text.to(ie.dtype)), dim=-1)
 
 
-def iqr_outliers(values: torch.Tensor) -> int:
-    """How many values lie strictly above `Q3 + 1.5 (Q3 - Q1)` (linear quantiles, float64)."""
-    v = values.flatten().double()
-    q1, q3 = torch.quantile(v, 0.25), torch.quantile(v, 0.75)
-    return int((v > q3 + 1.5 * (q3 - q1)).sum())
-
-
-def batch_scores(params: dict, n_images: int) -> list[dict]:
+def batch_scores(params: dict, attn: torch.Tensor) -> list[dict]:
     """The batch step: per-image `scores` and, with `count="iqr"`, the kept count `n` (over the
     whole batch with `scope="batch"`: the same for every image). Pops the embeddings."""
     image, text = params.pop("image_embeds"), params.pop("text_embeds")
     image = image if image.dim() == 3 else image[None]
+    n_images = attn.shape[0]
     texts = [text] * n_images if isinstance(text, torch.Tensor) and text.dim() == 2 \
         else list(text)
     s = torch.stack([scores(image[b], texts[b][0]) for b in range(n_images)])
     count, scope = params.pop("count"), params.pop("scope")
     if count == "fixed":
         return [{"scores": s[b]} for b in range(n_images)]
-    n = s.shape[1]
-    if scope == "batch":  # the official expression, float rounding included
-        kept = [int(n * (iqr_outliers(s) / s.numel()))] * n_images
-    else:
-        kept = [iqr_outliers(s[b]) for b in range(n_images)]
+    kept = iqr_counts(s, scope)
     return [{"scores": s[b], "kept": kept[b]} for b in range(n_images)]
 
 

@@ -34,6 +34,7 @@ from ..config import PruneConfig
 from ..inllm import METHODS as INLLM_METHODS
 from ..llava.attention import cls_attention_row
 from ..llava.runtime import as_config
+from ..methods import TEXT
 from ..selection import flat_tokens, needs_keys
 
 KEY = "agile"  # the model-config entry: hf_overrides={"agile": {...}}
@@ -60,6 +61,16 @@ def agile_config(hf_config) -> PruneConfig | None:
                          f"decoder layer on), which vLLM's paged KV cache (one length per sequence "
                          f"for every layer) cannot hold; under vLLM use a method that prunes "
                          f"before the LLM")
+    if cfg.method in TEXT:
+        raise ValueError(f"llava_agile: {cfg.method} is conditioned on each request's question, "
+                         f"which vLLM does not hand to the vision encoder, and vLLM caches an "
+                         f"image's encoder output across requests (one image asked two questions "
+                         f"would reuse the first question's tokens); under vLLM use a method that "
+                         f"needs no question")
+    if cfg.method == "prumerge_plus":
+        raise ValueError("llava_agile: prumerge_plus scores with the vision block after the "
+                         "select layer, which vLLM does not load (its CLIP tower stops at the "
+                         "select layer); under vLLM use another method")
     if cfg.params.get("adaptive_count"):
         raise ValueError("llava_agile: adaptive_count=True is not possible under vLLM, which fixes "
                          "the number of image placeholders before the vision tower runs; drop "

@@ -139,6 +139,14 @@ def hf_next(hf):
     return hf("llava_next")
 
 
+def text_tower(ref: dict, method: str) -> dict:
+    """cdpruner / trim: the reference's tiny CLIP text tower (the question comes from the
+    prompt); {} for the other methods."""
+    from llava_agile.methods import TEXT
+
+    return {"text_tower": ref["text_tower"]} if method in TEXT else {}
+
+
 def same_greedy(got, want, margins, tol=1e-3):
     """Greedy tokens equal the reference's up to the first step whose reference logits margin
     (top 1 - top 2) is within what the two paths' round-off could flip (their LLMs differ in

@@ -68,15 +68,18 @@ def prompt_text(question="What is in this image?", conv_mode="vicuna_v1"):
 
 def main(out_dir):
     from llava_agile.assets import build_tiny_llava, load_tiny
+    from llava_agile.assets.tiny import build_tiny_text_tower
     from llava_agile.llava import compat
 
     ref = {}
     for family, images in (("llava", IMAGES_15), ("llava_next", IMAGES_NEXT)):
         path = build_tiny_llava(os.path.join(out_dir, family), next=family == "llava_next")
+        text = build_tiny_text_tower(os.path.join(path, "clip-vision"),
+                                     os.path.join(out_dir, family, "clip-text"))
         tokenizer, model, processor, _ = load_tiny(path)
         compat.shim_generation(model)
         ref[family] = {"path": path, "keep": KEEP, "new_tokens": NEW_TOKENS,
-                       "prompt": prompt_text(), "runs": {}}
+                       "prompt": prompt_text(), "runs": {}, "text_tower": text}
         for name, dtype in DTYPES.items():
             model.to(dtype)
             run_family(model, tokenizer, processor, family, images, ref[family], name)
@@ -88,7 +91,7 @@ def run_family(model, tokenizer, processor, family, images, ref, dtype_name):
     import llava_agile
     from llava.mm_utils import process_images
     from llava_agile.assets import tiny_image
-    from llava_agile.methods import MERGING
+    from llava_agile.methods import MERGING, TEXT
 
     runs, pix = {}, []
     modes = ("shared", "per_crop", "global") if family == "llava_next" else (None,)
@@ -103,6 +106,8 @@ def run_family(model, tokenizer, processor, family, images, ref, dtype_name):
                 continue
             for mode in modes:
                 kw = {} if mode is None else {"anyres_mode": mode}
+                if method in TEXT:  # cdpruner / trim: the question after the image
+                    kw["text_tower"] = ref["text_tower"]
                 llava_agile.enable(model, method, KEEP, **kw)
                 try:
                     run_model(model, tokenizer, x, size, runs, (i, method, mode))

@@ -19,7 +19,7 @@ from llava_agile.methods import MERGING
 from llava_agile.assets.tiny import tiny_image
 
 # tests/hf is on sys.path
-from conftest import DTYPES, TOL, check_stats, same_greedy  # noqa: E402
+from conftest import DTYPES, TOL, check_stats, same_greedy, text_tower  # noqa: E402
 from orig_reference import IMAGES_15  # noqa: E402
 
 FAMILY = "llava"
@@ -111,7 +111,8 @@ def test_every_method_matches_the_original(hf, reference, method, dtype):
     k = full if method == "none" else ref["keep"]
     text = ref["input_ids"].shape[1] - 1
     start = int((ref["input_ids"][0] == -200).nonzero())
-    llava_agile.enable(model, processor=processor, method=method, keep=ref["keep"])
+    llava_agile.enable(model, processor=processor, method=method, keep=ref["keep"],
+                       **text_tower(ref, method))
     try:
         count, ids = processor_count(processor, tiny_image(**IMAGES_15[0]), ref["prompt"], token)
         assert count == k  # the processor emits K placeholders per image

@@ -6,6 +6,8 @@ and `per_crop` keep the original's data-dependent counts (kept cells inside the 
 border are dropped), so they run through `llava_agile.generate`. As in test_hf_llava.py, float64
 runs must agree in every choice; float32 runs in what round-off cannot decide.
 """
+import re
+
 import pytest
 import torch
 
@@ -14,7 +16,7 @@ from llava_agile.assets.tiny import tiny_image
 from llava_agile.methods import MERGING
 
 # tests/hf is on sys.path
-from conftest import DTYPES, TOL, check_stats, same_greedy  # noqa: E402
+from conftest import DTYPES, TOL, check_stats, same_greedy, text_tower  # noqa: E402
 from orig_reference import IMAGES_NEXT  # noqa: E402
 
 FAMILY = "llava_next"
@@ -77,7 +79,7 @@ def test_every_mode_and_method_matches_the_original(hf, reference, method, mode,
     start = int((ref["input_ids"][0] == -200).nonzero())
     full_ids = [inputs(ref, i, processor, token) for i in range(len(ref["images"]))]
     llava_agile.enable(model, processor=processor, method=method, keep=ref["keep"],
-                       anyres_mode=mode)
+                       anyres_mode=mode, **text_tower(ref, method))
     try:
         for i, (ids, pix, sizes, full) in enumerate(full_ids):
             want = ref["runs"][dtype][(i, method, mode)]
@@ -170,8 +172,9 @@ def test_adaptive_count_batch_on_next(hf_next, reference):
 def test_merging_methods_refused_and_disable_restores(hf_next, reference):
     model, processor, _ = hf_next
     for method in sorted(MERGING):
-        with pytest.raises(ValueError, match="merges tokens"):
-            llava_agile.enable(model, processor=processor, method=method, keep=8)
+        with pytest.raises(ValueError, match=re.escape(MERGING[method]) + ", which have no grid"):
+            llava_agile.enable(model, processor=processor, method=method, keep=8,
+                               **text_tower(reference["llava_next"], method))
     before = dict(processor.__dict__)
     llava_agile.enable(model, processor=processor, method="attention", keep=8,
                        anyres_mode="global")

@@ -21,7 +21,7 @@ import transformers
 import llava_agile
 import llava_agile.selection
 from llava_agile.hf import qwen
-from llava_agile.methods import MERGING, METHODS
+from llava_agile.methods import MERGING, METHODS, TEXT
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import decided  # noqa: E402  (tests/: the decision-margin checks)
@@ -329,7 +329,7 @@ def test_batch_of_two_sizes_matches_single_images(tiny):
 
 
 @needs5
-@pytest.mark.parametrize("method", [m for m in METHODS if m not in MERGING])
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in MERGING and m not in TEXT])
 def test_every_index_method_runs(tiny, method):
     model, processor = tiny
     with warnings.catch_warnings():
@@ -344,7 +344,16 @@ def test_every_index_method_runs(tiny, method):
 
 
 @needs5
-@pytest.mark.parametrize("method", sorted(MERGING))
+@pytest.mark.parametrize("method", sorted(TEXT))
+def test_question_methods_are_refused(tiny, method):
+    model, processor = tiny
+    with pytest.raises(ValueError, match="CLIP text tower.*runs on LLaVA-1.5 / NeXT"):
+        llava_agile.enable(model, processor=processor, method=method, keep=6, text_tower="/x")
+    assert not qwen.is_enabled(model)
+
+
+@needs5
+@pytest.mark.parametrize("method", sorted(set(MERGING) - set(TEXT)))
 def test_merging_methods_are_refused(tiny, method):
     model, processor = tiny
     with pytest.raises(ValueError, match=re.escape(MERGING[method]) + ".*pick an index method"):

@@ -1,7 +1,7 @@
 """Record what the official pre-LLM selection code returns on fixed inputs (golden files).
 
     .venv/bin/python tests/official/record_selection.py --holov HOLOV --cdpruner CDPRUNER \
-        --trim TRIM [--out tests/official/golden]
+        --trim TRIM --prumerge LLAVA_PRUMERGE [--out tests/official/golden]
 
 Each path is a checkout of the official repository; its commit is recorded in the golden file:
 - obananas/HoloV: `HoloV` of `llava/model/utils.py`, called as `llava_arch.py` calls it (features
@@ -14,9 +14,14 @@ Each path is a checkout of the official repository; its commit is recorded in th
   `llava/model/multimodal_encoder/clip_encoder.py`, unchanged, on a stand-in tower whose
   `post_layernorm` and `visual_projection` are the identity (so the case's features are their own
   joint-space embeddings), float64 (neither of its fp16 / fp32 casts applies), gradients off.
+- 42Shawn/LLaVA-PruMerge: `CLIPVisionTower.token_prune_merge_advanced_plus` of
+  `llava/model/multimodal_encoder/clip_encoder.py`, unchanged (adaptive, as its `forward` calls
+  it), on a stand-in tower whose forward returns the case's hidden states and whose layer 23
+  `q_proj` / `k_proj` return the case's q / k (so its hooks record them), float64.
 Each method runs in a process of its own (the official repositories are `llava` packages).
 The inputs come from `selection_cases.py` (float64, numpy-drawn). An output row is recorded as
-the input token it equals (-1: a zero row).
+the input token it equals (-1: a zero row); PruMerge+'s merged rows by their fingerprint (their
+projections on two fixed directions).
 """
 from __future__ import annotations
 
@@ -118,15 +123,60 @@ def record_trim(path):
             "::CLIPVisionTower.token_reduction", "cases": cases}
 
 
+def record_prumerge(path):
+    from types import SimpleNamespace
+
+    mod = load("prumerge_clip_encoder",
+               os.path.join(path, "llava/model/multimodal_encoder/clip_encoder.py"))
+    torch.set_grad_enabled(False)
+
+    class Const(torch.nn.Module):
+        def __init__(self, t):
+            super().__init__()
+            self.t = t
+
+        def forward(self, _):
+            return self.t
+
+    cases = []
+    for seed, d, lean, strength, scale in C.PRUMERGE:
+        hidden, q, k = C.prumerge_inputs(seed, d, lean, strength, scale)
+        layer = torch.nn.Module()
+        layer.self_attn = torch.nn.Module()
+        layer.self_attn.q_proj, layer.self_attn.k_proj = Const(q), Const(k)
+
+        class Tower(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.vision_model = SimpleNamespace(encoder=SimpleNamespace(
+                    layers=[None] * 23 + [layer]))
+
+            def forward(self, images, output_hidden_states=True):
+                layer.self_attn.q_proj(None), layer.self_attn.k_proj(None)  # the hooks fire
+                return SimpleNamespace(hidden_states=[None] * 23 + [hidden, None])
+
+        stub = SimpleNamespace(vision_tower=Tower(), device=torch.device("cpu"),
+                               dtype=torch.float64, select_layer=-2, select_feature="patch")
+        stub.feature_select = lambda outs: mod.CLIPVisionTower.feature_select(stub, outs)
+        out = mod.CLIPVisionTower.token_prune_merge_advanced_plus(
+            stub, torch.zeros(1, 3, 2, 2, dtype=torch.float64))[0]
+        cases.append(dict(seed=seed, d=d, lean=lean, strength=strength, scale=scale,
+                          rows=out.shape[0], fingerprint=C.fingerprint(out).tolist()))
+    return {"commit": commit(path), "function": "llava/model/multimodal_encoder/clip_encoder.py"
+            "::CLIPVisionTower.token_prune_merge_advanced_plus", "cases": cases}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--holov", help="checkout of github:obananas/HoloV")
     ap.add_argument("--cdpruner", help="checkout of github:Theia-4869/CDPruner")
     ap.add_argument("--trim", help="checkout of github:FreedomIntelligence/TRIM")
+    ap.add_argument("--prumerge", help="checkout of github:42Shawn/LLaVA-PruMerge")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "golden"))
     args = ap.parse_args()
     torch.set_num_threads(1)
-    recorders = {"holov": record_holov, "cdpruner": record_cdpruner, "trim": record_trim}
+    recorders = {"holov": record_holov, "cdpruner": record_cdpruner, "trim": record_trim,
+                 "prumerge": record_prumerge}
     todo = {name: getattr(args, name) for name in recorders if getattr(args, name)}
     if not todo:
         ap.error("give at least one checkout (--holov ...)")

@@ -62,3 +62,35 @@ def trim_inputs(seed: int, b: int, n: int, d: int):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((b, n, d))
     return torch.from_numpy(x), torch.from_numpy(rng.standard_normal((1, d)) * 0.3)
+
+
+# PruMerge+: (seed, D, how many tokens the [CLS] query leans toward, its strength, the query's
+# scale); N = 576 (the official hard-codes 24 layers and a 24 x 24 grid). Outliers: 116 (every
+# token sampled), 72, 46, 13, 20
+PRUMERGE = [(0, 32, 12, 3.0, 1.0), (1, 32, 40, 2.0, 1.0), (3, 32, 80, 1.5, 1.0),
+            (1, 32, 4, 0.5, 0.2), (6, 32, 4, 1.0, 0.2)]
+
+
+def prumerge_inputs(seed: int, d: int, lean: int, strength: float, scale: float):
+    """The select layer's hidden states `[1, 577, D]` ([CLS] first) and the next layer's q / k
+    outputs `[1, 577, D]`: the [CLS] query leans toward `lean` random patches' keys."""
+    rng = np.random.default_rng(seed)
+    hidden = rng.standard_normal((1, 577, d))
+    k = rng.standard_normal((1, 577, d))
+    q = rng.standard_normal((1, 577, d))
+    picked = rng.choice(np.arange(1, 577), lean, replace=False)
+    q[0, 0] = scale * (strength * k[0, picked].mean(0) * np.sqrt(d) + 0.3 * q[0, 0])
+    return tuple(torch.from_numpy(t) for t in (hidden, q, k))
+
+
+def cls_row(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """PruMerge+'s [CLS] row: one head over the full width, the [CLS] column dropped."""
+    return torch.softmax(q[0, 0] @ k[0].T * q.shape[-1] ** -0.5, dim=-1)[1:]
+
+
+def fingerprint(rows: torch.Tensor) -> torch.Tensor:
+    """`[L, D]` merged rows -> `[L, 2]`: their projections on two fixed random directions (equal
+    rows, equal fingerprints; a different merge moves them far beyond round-off)."""
+    d = rows.shape[1]
+    directions = np.random.default_rng(1234).standard_normal((d, 2))
+    return rows @ torch.from_numpy(directions)

@@ -163,7 +163,8 @@ def test_trim_equals_the_official_code(case):
 def test_trim_iqr_per_image_differs_from_the_coupled_batch():
     case = next(c for c in golden("trim")["cases"] if c["b"] == 3)
     x, text = C.trim_inputs(case["seed"], 3, case["n"], case["d"])
-    from llava_agile.methods.trim import iqr_outliers, scores
+    from llava_agile.methods.common import iqr_outliers
+    from llava_agile.methods.trim import scores
 
     a = torch.ones(x.shape[:2], dtype=x.dtype)
     res = prune(x, a, 64, "trim", image_embeds=x, text_embeds=text, count="iqr", scope="image")
@@ -171,3 +172,33 @@ def test_trim_iqr_per_image_differs_from_the_coupled_batch():
     assert [st["outliers"] for st in res.stats] == alone
     assert alone != [case["kept"]] * 3  # the official batch keeps the same count everywhere
     assert [f.shape[0] for f in res.features] == [n + 1 for n in alone]
+
+
+def prumerge_margin(a, keys, idx) -> float:
+    """Relative distances to the cuts: the IQR fence (float32 in the official), the outliers'
+    last place, and every kept token's 32nd / 33rd nearest key."""
+    from llava_agile.methods.common import iqr_outliers
+
+    q1, q3 = torch.quantile(a, 0.25), torch.quantile(a, 0.75)
+    fence = q3 + 1.5 * (q3 - q1)
+    margin = float((a - fence).abs().min() / fence)
+    margin = min(margin, _gap(a, iqr_outliers(a)) / float(a.max()))
+    kn = keys / keys.norm(dim=1, keepdim=True)
+    for i in idx:
+        sim = kn[i] @ kn.T
+        sim[i] = float("-inf")
+        margin = min(margin, _gap(sim, 32))
+    return margin
+
+
+@pytest.mark.parametrize("case", golden("prumerge")["cases"], ids=lambda c: f"rows{c['rows']}")
+def test_prumerge_plus_equals_the_official_code(case):
+    hidden, q, k = C.prumerge_inputs(case["seed"], case["d"], case["lean"], case["strength"],
+                                     case["scale"])
+    x, a, keys = hidden[0, 1:], C.cls_row(q, k), k[0, 1:]
+    res = prune(x, a, 64, "prumerge_plus", keys=keys, count="iqr")
+    assert prumerge_margin(a, keys, res.stats[0]["attention_indices"]) > 1e-6
+    assert res.features.shape == (case["rows"], case["d"])
+    torch.testing.assert_close(C.fingerprint(res.features),
+                               torch.tensor(case["fingerprint"], dtype=x.dtype),
+                               rtol=1e-10, atol=1e-10)

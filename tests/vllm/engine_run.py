@@ -21,7 +21,9 @@ os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 
 
 def _probe(model):
-    return {"stats": [{k: v for k, v in s.items() if k in ("indices", "kept", "tokens")}
+    return {"stats": [{k: v for k, v in s.items() if k in ("indices", "kept", "tokens",
+                                                          "chunk_budgets", "zero_rows",
+                                                          "attention_indices")}
                       for s in getattr(model, "agile_stats", [])],
             "encoder_calls": getattr(model, "agile_encoder_calls", None),
             "cls": type(model).__name__}

@@ -96,7 +96,10 @@ def test_config_is_validated_by_pruneconfig():
                        ({"adaptive_count": True}, "adaptive_count=True is not possible"),
                        ("adaptive", "must be a dict"),
                        ({"method": "fastv", "keep": 64}, "paged KV cache"),
-                       ({"method": "dart", "keep": 132}, "prunes inside the LLM")):
+                       ({"method": "dart", "keep": 132}, "prunes inside the LLM"),
+                       ({"method": "cdpruner", "keep": 64}, "conditioned on each request's "
+                                                            "question"),
+                       ({"method": "trim", "keep": 64, "text_tower": "/x"}, "caches an image")):
         cfg.agile = bad
         with pytest.raises(ValueError, match="llava_agile") as e:
             agile_config(cfg)
@@ -194,3 +197,16 @@ def test_bad_config_refused_at_startup(tiny):
     res, proc = run_engine(root, "refused", model, {"method": "nope", "keep": K}, [])
     assert res is None and proc.returncode != 0
     assert "llava_agile: bad hf_overrides {'agile': {'method': 'nope'" in proc.stderr
+
+
+def test_holov_runs_through_the_plugin(tiny, disabled):
+    """HoloV returns K rows (zero rows included) through the shared selection code: the prompt
+    holds K placeholders per image and each image's chunk budgets add up to K."""
+    root, model, images = tiny
+    res = ok(*run_engine(root, "holov", model, {"method": "holov", "keep": K}, _rounds(images)))
+    lens = [len(r["prompt_token_ids"]) for rd in res["rounds"] for r in rd["requests"]]
+    full = [len(r["prompt_token_ids"]) for rd in disabled["rounds"] for r in rd["requests"]]
+    assert [f - p for f, p in zip(full, lens)] == [N - K, N - K, N - K, 2 * (N - K)]
+    stats = res["rounds"][0]["model"]["stats"]
+    assert [sum(st["chunk_budgets"]) for st in stats] == [K]
+    assert len(stats[0]["attention_indices"]) + stats[0]["zero_rows"] == K
