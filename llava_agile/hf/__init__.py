@@ -12,7 +12,7 @@ import warnings
 
 from ..inllm import METHODS as INLLM_METHODS
 from ..llava.runtime import as_config
-from ..methods import MERGING, TEXT
+from ..methods import MERGING, TEXT, variable_count
 from . import llm as _inllm
 from . import model as _model
 from . import processor as _processor
@@ -91,7 +91,7 @@ def enable(model, processor=None, method="adaptive", keep: int | None = None, *,
     if cfg.method in INLLM_METHODS:   # every image token reaches the LLM: no processor patch
         return _inllm.enable(model, cfg)
     state = _model.new_state(model, cfg, kind, processor)
-    state.fixed_count = not cfg.params.get("adaptive_count") and \
+    state.fixed_count = not variable_count(cfg.method, cfg.params) and \
         (kind == "llava" or cfg.anyres_mode == "global")
     try:
         _model.patch(model, state)

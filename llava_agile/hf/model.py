@@ -147,7 +147,7 @@ def llava_get_image_features(state, orig):
             return out
         _check_layer(kwargs)
         cfg = state.config
-        _check_fixed(state, "adaptive_count=True")
+        _check_fixed(state, "a data-dependent count (adaptive_count=True or count='iqr')")
         strategy = _strategy(state.inner, kwargs)
         out, rows = _run_tower(state, orig, pixel_values, args, kwargs)
         full = _features(out)

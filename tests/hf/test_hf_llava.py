@@ -317,3 +317,25 @@ def test_import_does_not_load_the_hf_adapter():
             "assert not bad, bad")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_trim_iqr_count_goes_through_llava_agile_generate(hf_llava, reference):
+    """TRIM's official IQR count is known only after the tower: model.generate refuses it,
+    llava_agile.generate feeds each image its outliers + the mean token, with the question read
+    from the prompt."""
+    model, processor, _ = hf_llava
+    ref = reference[FAMILY]
+    llava_agile.enable(model, processor=processor, method="trim", keep=ref["keep"], count="iqr",
+                       text_tower=ref["text_tower"])
+    try:
+        ids = hf_ids(ref, 576, image_token(model))
+        x = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "pixel_values": ref["images"][0]["pixel_values"]}
+        with pytest.raises(ValueError, match="count='iqr'.*llava_agile.generate"):
+            model.generate(**x, max_new_tokens=1)
+        _, lengths = llava_agile.generate(model, **x, do_sample=False, max_new_tokens=1)
+        (st,) = model.agile_stats
+        assert lengths.tolist() == [ids.shape[1] - 576 + st["outliers"] + 1]
+        assert st["question"] == "What is in this image?"
+    finally:
+        llava_agile.disable(model, processor)
