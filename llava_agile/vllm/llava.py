@@ -17,6 +17,7 @@ the `image_embeds` refusal.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import torch
@@ -32,9 +33,9 @@ from vllm.multimodal.parse import ImageEmbeddingItems
 
 from ..config import PruneConfig
 from ..inllm import METHODS as INLLM_METHODS
-from ..llava.attention import cls_attention_row
+from ..llava.attention import cls_attention_row, select_layer_index, single_head_row
 from ..llava.runtime import as_config
-from ..methods import TEXT
+from ..methods import TEXT, variable_count
 from ..selection import flat_tokens, needs_keys
 
 KEY = "agile"  # the model-config entry: hf_overrides={"agile": {...}}
@@ -67,14 +68,11 @@ def agile_config(hf_config) -> PruneConfig | None:
                          f"image's encoder output across requests (one image asked two questions "
                          f"would reuse the first question's tokens); under vLLM use a method that "
                          f"needs no question")
-    if cfg.method == "prumerge_plus":
-        raise ValueError("llava_agile: prumerge_plus scores with the vision block after the "
-                         "select layer, which vLLM does not load (its CLIP tower stops at the "
-                         "select layer); under vLLM use another method")
-    if cfg.params.get("adaptive_count"):
-        raise ValueError("llava_agile: adaptive_count=True is not possible under vLLM, which fixes "
-                         "the number of image placeholders before the vision tower runs; drop "
-                         "adaptive_count (every image then keeps exactly `keep` tokens)")
+    if variable_count(cfg.method, cfg.params):
+        raise ValueError("llava_agile: a data-dependent count (adaptive_count=True, count='iqr') "
+                         "is not possible under vLLM, which fixes the number of image "
+                         "placeholders before the vision tower runs; drop it (every image then "
+                         "keeps exactly `keep` tokens)")
     if not isinstance(hf_config.vision_config, CLIPVisionConfig):
         raise ValueError(f"llava_agile: pruning needs a CLIP vision tower, this model has "
                          f"{type(hf_config.vision_config).__name__}; remove the '{KEY}' override")
@@ -161,14 +159,15 @@ class _LocalHeads:
 
 
 class _SelectLayerRecorder:
-    """Hooks on the select block (vLLM's last built CLIP block): [CLS] rows, keys, [CLS] output."""
+    """Hooks on the select block (vLLM's last built CLIP block): [CLS] rows, keys, [CLS] output
+    (with `full`, the whole output: PruMerge+ scores it with the next block's q / k)."""
 
-    def __init__(self, tower: CLIPVisionModel, keys: bool):
+    def __init__(self, tower: CLIPVisionModel, keys: bool, full: bool = False):
         self.block = tower.vision_model.encoder.layers[-1]
         self.attn = self.block.self_attn
         self.local = _LocalHeads(self.attn)
-        self.with_keys = keys
-        self.rows, self.keys, self.cls = [], [], []
+        self.with_keys, self.full = keys, full
+        self.rows, self.keys, self.cls, self.outputs = [], [], [], []
 
     def _attn_hook(self, module, args, kwargs, output):
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
@@ -186,6 +185,8 @@ class _SelectLayerRecorder:
 
     def _block_hook(self, module, args, output):
         self.cls.append(output[:, 0])
+        if self.full:
+            self.outputs.append(output)
 
     def __enter__(self):
         self.handles = [self.attn.register_forward_hook(self._attn_hook, with_kwargs=True),
@@ -195,6 +196,39 @@ class _SelectLayerRecorder:
     def __exit__(self, *exc):
         for h in self.handles:
             h.remove()
+
+
+class _NextBlockScorer(torch.nn.Module):
+    """PruMerge+ under vLLM: `layer_norm1`, `q_proj` and `k_proj` of the CLIP block after the
+    select layer, which vLLM's tower does not build (it stops at the select layer); their
+    weights are picked out of the checkpoint by `AgileLlava.load_weights`."""
+
+    def __init__(self, vision_config, select_layer: int):
+        super().__init__()
+        width = vision_config.hidden_size
+        index = select_layer_index(select_layer, vision_config.num_hidden_layers) + 1
+        if index >= vision_config.num_hidden_layers:
+            raise ValueError("llava_agile: prumerge_plus scores with the vision block after the "
+                             "select layer, and this model selects the tower's last block")
+        self.pattern = re.compile(rf"vision_tower\.vision_model\.encoder\.layers\.{index}\."
+                                  rf"(layer_norm1|self_attn\.q_proj|self_attn\.k_proj)\.(weight|bias)$")
+        self.layer_norm1 = torch.nn.LayerNorm(width, eps=vision_config.layer_norm_eps)
+        self.q_proj = torch.nn.Linear(width, width)
+        self.k_proj = torch.nn.Linear(width, width)
+
+    def take(self, name: str, tensor: torch.Tensor) -> str | None:
+        """Load `tensor` if `name` is one of ours; returns our parameter's name, else None."""
+        m = self.pattern.search(name)
+        if m is None:
+            return None
+        name = f"{m.group(1).removeprefix('self_attn.')}.{m.group(2)}"
+        param = self.get_parameter(name)
+        param.data.copy_(tensor.to(param.dtype))
+        return name
+
+    def forward(self, hidden: torch.Tensor):
+        """The select block's output `[B, T, C]` -> PruMerge+'s [CLS] row and patch keys."""
+        return single_head_row(self, self.layer_norm1(hidden))
 
 
 class AgileModel:
@@ -230,12 +264,44 @@ class AgileLlava(AgileModel, LlavaForConditionalGeneration):
 
     embeds_input = LlavaImageEmbeddingInputs
 
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.agile_next = None
+        if self.agile_config is not None and self.agile_config.method == "prumerge_plus":
+            self.agile_next = _NextBlockScorer(self.config.vision_config,
+                                               self.config.vision_feature_layer)
+
+    def load_weights(self, weights):
+        """vLLM's loading, plus the next block's weights PruMerge+ needs (see `_NextBlockScorer`)."""
+        if self.agile_next is None:
+            return super().load_weights(weights)
+        ours = set()
+
+        def rest():
+            for name, tensor in weights:
+                taken = self.agile_next.take(name, tensor)
+                if taken is None:
+                    yield name, tensor
+                else:
+                    ours.add(f"agile_next.{taken}")
+        loaded = super().load_weights(rest())
+        missing = {f"agile_next.{n}" for n, _ in self.agile_next.named_parameters()} - ours
+        if missing:
+            raise ValueError(f"llava_agile: prumerge_plus needs {sorted(missing)} from the "
+                             f"checkpoint (the vision block after the select layer)")
+        return set(loaded) | ours
+
     def _agile_tokens(self, cfg, image_input):
-        with _SelectLayerRecorder(self.vision_tower, needs_keys(cfg.method)) as rec:
+        scorer = self.agile_next
+        with _SelectLayerRecorder(self.vision_tower, needs_keys(cfg.method) and scorer is None,
+                                  full=scorer is not None) as rec:
             feats = self._image_pixels_to_features(self.vision_tower, image_input["pixel_values"])
         full = self.config.vision_feature_select_strategy == "full"
         clip = feats[:, 1:] if full else feats
         rows = torch.cat(rec.rows)
+        if scorer is not None:  # PruMerge+: the next block's single-head row and keys
+            rows, keys = scorer(torch.cat(rec.outputs))
+            rec.keys = [keys]
         if rows.shape != clip.shape[:2]:
             raise RuntimeError(f"llava_agile: expected one [CLS]-attention row per image "
                                f"{tuple(clip.shape[:2])} from the select layer, got "

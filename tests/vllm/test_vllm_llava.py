@@ -93,7 +93,8 @@ def test_config_is_validated_by_pruneconfig():
     cfg.agile = {"method": "none"}  # keeps every token whatever `keep` says
     assert kept_count(agile_config(cfg), 576, "default") == 576
     for bad, words in (({"method": "nope"}, "unknown pruning method"), ({"keep": 0}, "keep"),
-                       ({"adaptive_count": True}, "adaptive_count=True is not possible"),
+                       ({"adaptive_count": True}, "adaptive_count=True, count='iqr') is not possible"),
+                       ({"method": "prumerge_plus", "count": "iqr"}, "is not possible under vLLM"),
                        ("adaptive", "must be a dict"),
                        ({"method": "fastv", "keep": 64}, "paged KV cache"),
                        ({"method": "dart", "keep": 132}, "prunes inside the LLM"),
@@ -210,3 +211,28 @@ def test_holov_runs_through_the_plugin(tiny, disabled):
     stats = res["rounds"][0]["model"]["stats"]
     assert [sum(st["chunk_budgets"]) for st in stats] == [K]
     assert len(stats[0]["attention_indices"]) + stats[0]["zero_rows"] == K
+
+
+def test_prumerge_plus_scores_with_the_next_block_loaded_beside_vllm(tiny, disabled):
+    """vLLM's tower stops at the select layer; the plugin loads the next block's layer_norm1 /
+    q_proj / k_proj itself: the tokens it keeps equal the transformers adapter's (float64, the
+    attention cut far above float32 round-off), K per image."""
+    from transformers import LlavaForConditionalGeneration
+
+    from llava_agile.methods.common import round_half_up
+
+    root, model, images = tiny
+    res = ok(*run_engine(root, "prumerge", model, {"method": "prumerge_plus", "keep": K},
+                         _rounds(images)))
+    lens = [len(r["prompt_token_ids"]) for rd in res["rounds"] for r in rd["requests"]]
+    full = [len(r["prompt_token_ids"]) for rd in disabled["rounds"] for r in rd["requests"]]
+    assert [f - p for f, p in zip(full, lens)] == [N - K, N - K, N - K, 2 * (N - K)]
+    ref = hf_reference(LlavaForConditionalGeneration, model, images[0], PROMPT1,
+                       method="prumerge_plus", keep=K)
+    _, attn = ref.selection
+    top = round_half_up((K - 1) / 4)
+    values = torch.sort(attn, descending=True).values
+    assert (values[top - 1] - values[top]) / values[0] > 1e-4
+    (st,) = res["rounds"][0]["model"]["stats"]
+    assert st["attention_indices"] == ref.stats[0]["attention_indices"]
+    assert len(st["attention_indices"]) == K - 1
