@@ -225,3 +225,17 @@ def test_in_llm_method_generates_and_refuses_the_loss(env):
                       f"pretrained={env['models']['llava']},pruning=fastv,keep=24,"
                       f'pruning_args="layer=1"', tasks="tiny_agile_mc", model="llava_hf_agile")
     assert rc != 0 and "computing a loss is not supported" in log
+
+
+def test_question_method_reads_each_request(env, reference):
+    """CDPruner through `--model llava_hf_agile`: the question read from the prompt of each
+    generation and each multiple-choice forward (the continuation after ASSISTANT: is cut)."""
+    text_tower = reference["llava"]["text_tower"]
+    out, _ = run(env, "out-cdpruner", f"pruning=cdpruner,keep={KEEP},"
+                                      f"pruning_args=\"text_tower={text_tower}\"")
+    text = text_tokens(env["models"]["llava"])
+    for r in samples(out, "tiny_agile_gen"):
+        assert r["token_counts"][0]["input_tokens"] == text + KEEP
+    records = agile_stats(out)["samples"]
+    assert {r["task"] for r in records} == {"tiny_agile_gen", "tiny_agile_mc"}
+    assert all(r["questions"] == [QUESTION] * r["images"] for r in records)
