@@ -26,6 +26,19 @@ ALPHA, SCALE, EPS = 0.09, 1e3, 1e-6  # the official constants
 OVERFLOW = ("zeros", "backfill")
 
 
+def chunk_bounds(n: int, chunks: int) -> list[tuple[int, int]]:
+    """Contiguous `[start, end)` pieces: `n // chunks` tokens, the first `n % chunks` one more
+    (the official comment says the last; its code gives the first), empty ones dropped."""
+    size, extra = divmod(n, chunks)
+    bounds, start = [], 0
+    for p in range(chunks):
+        end = start + size + (p < extra)
+        if end > start:
+            bounds.append((start, end))
+        start = end
+    return bounds
+
+
 def chunk_scores(x: torch.Tensor, a: torch.Tensor, bounds: list[tuple[int, int]]) -> torch.Tensor:
     """The official per-chunk score (step 2), in x's compute dtype."""
     dt = compute_dtype(x)
@@ -54,13 +67,7 @@ def holov(x: torch.Tensor, a: torch.Tensor, k: int, chunks: int = 16,
     Stats: `attention_indices` (the token of each output row, in order, as bat's),
     `chunk_budgets` and `zero_rows` (the official padding; 0 with `overflow="backfill"`)."""
     n = x.shape[0]
-    size, extra = divmod(n, chunks)
-    bounds, start = [], 0
-    for p in range(chunks):
-        end = start + size + (p < extra)
-        if end > start:
-            bounds.append((start, end))
-        start = end
+    bounds = chunk_bounds(n, chunks)
     scores = chunk_scores(x, a, bounds)
     weights = scores / (scores.sum() + EPS)
     budget = (weights * k).floor().long()

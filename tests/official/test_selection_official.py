@@ -12,7 +12,7 @@ import torch
 
 import selection_cases as C
 from llava_agile import prune, select_tokens
-from llava_agile.methods.holov import EPS, chunk_scores
+from llava_agile.methods.holov import EPS, chunk_bounds, chunk_scores
 
 GOLDEN = Path(__file__).parent / "golden"
 MARGIN = 1e-9
@@ -31,14 +31,7 @@ def _gap(values: torch.Tensor, k: int) -> float:
 
 
 def holov_margin(x, a, k, chunks) -> float:
-    n = x.shape[0]
-    size, extra = divmod(n, chunks)
-    bounds, start = [], 0
-    for p in range(chunks):
-        end = start + size + (p < extra)
-        if end > start:
-            bounds.append((start, end))
-        start = end
+    bounds = chunk_bounds(x.shape[0], chunks)
     s = chunk_scores(x, a, bounds)
     w = s / (s.sum() + EPS)
     frac = (w * k) - (w * k).floor()
