@@ -144,8 +144,8 @@ class PruneConfig:
 
     LLaVA-side options: `feature_space` ("projected": the paper's choice, or "vision": the
     pre-projector CLIP features; default: "vision" for visionzip, trim and prumerge_plus, whose
-    official codes merge CLIP features, "projected" for every other method) and `anyres_mode` ("shared", "per_crop",
-    "global") for LLaVA-NeXT.
+    official codes merge CLIP features, "projected" for every other method) and `anyres_mode`
+    ("shared", "per_crop", "global") for LLaVA-NeXT.
     `stats`: what `model.agile_stats` reports per image: "basic" (kept count, indices, time and
     what the method computed anyway) or "full" (also the full-token erank and attention entropy,
     an eigendecomposition per image: for analysis).

@@ -104,7 +104,8 @@ def set_fastervlm_pruning(model, pruning) -> None:
     from .methods import MERGING
 
     if config is not None and config.method in MERGING:
-        raise ValueError(f"method {config.method!r} {MERGING[config.method]}, which FasterVLM's keep-mask "
+        raise ValueError(f"method {config.method!r} {MERGING[config.method]}, which FasterVLM's "
+                         f"keep-mask "
                          f"path cannot express; use the LLaVA tree (patches/ or llava_agile.run) "
                          f"for {config.method}")
     model.agile_pruning = config

@@ -108,7 +108,8 @@ def crop_mask(cfg, space, attn, clip, candidates=None, text=None):
                          text=None if text is None else (emb[:1], [question]))
         mask[:, res.indices[0]] = True
     elif mode == "per_crop":
-        res, ms = select(cfg, space, attn, clip, cfg.keep, text=None if text is None else (emb, [question] * n))
+        res, ms = select(cfg, space, attn, clip, cfg.keep,
+                         text=None if text is None else (emb, [question] * n))
         for c in range(n):
             mask[c, res.indices[c]] = True
         if n > 1:

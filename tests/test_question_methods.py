@@ -48,7 +48,8 @@ def test_cdpruner_zero_norm_tokens_and_constant_relevance_give_no_nan():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(), r"conditioned on the question: pass image_embeds"),
     (dict(image_embeds=torch.randn(12, 8)), r"conditioned on the question"),
-    (dict(image_embeds=torch.randn(12, 8), text_embeds=torch.randn(2, 7)), r"E = 8 as image_embeds"),
+    (dict(image_embeds=torch.randn(12, 8), text_embeds=torch.randn(2, 7)),
+     r"E = 8 as image_embeds"),
     (dict(image_embeds=torch.randn(12, 8), text_embeds=torch.randn(0, 8)), r"M >= 1"),
     (dict(image_embeds=torch.randn(11, 8), text_embeds=torch.randn(2, 8)), r"image_embeds shape"),
     (dict(image_embeds=torch.randn(12, 8), text_embeds=torch.full((2, 8), float("nan"))),

@@ -79,7 +79,8 @@ def enable(model, processor=None, method="adaptive", keep: int | None = None, *,
                          f"openai/clip-vit-large-patch14-336 for LLaVA-1.5 (transformers' LLaVA "
                          f"does not record its name)")
     if cfg.method in MERGING and kind == "llava_next":
-        raise ValueError(f"method {cfg.method!r} {MERGING[cfg.method]}, which have no grid position, so "
+        raise ValueError(f"method {cfg.method!r} {MERGING[cfg.method]}, which have no grid "
+                         f"position, so "
                          f"it cannot run on LLaVA-NeXT (anyres) crops; pick an index method")
     if cfg.method not in INLLM_METHODS:   # in-LLM: the processor runs unchanged
         _processor.check(processor, model, kind)

@@ -371,7 +371,8 @@ def enable(model, processor=None, method="adaptive", keep: int | None = None, *,
                          f"which Qwen2.5-VL's vision encoder has no counterpart of; it runs on "
                          f"LLaVA-1.5 / NeXT")
     if cfg.method in MERGING:
-        raise ValueError(f"method {cfg.method!r} {MERGING[cfg.method]}, which have no single (t, h, w) "
+        raise ValueError(f"method {cfg.method!r} {MERGING[cfg.method]}, which have no single "
+                         f"(t, h, w) "
                          f"M-RoPE position (and visionzip needs a [CLS] layer's keys); pick an "
                          f"index method on Qwen2.5-VL")
     _check_processor(processor, model)

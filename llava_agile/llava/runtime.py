@@ -78,7 +78,8 @@ def _check_model(model, cfg: PruneConfig):
         raise ValueError(f"mm_vision_select_feature={tower.select_feature!r} is not supported: "
                          f"pruning expects patch tokens only ('patch')")
     if cfg.method in MERGING and getattr(model.config, "image_aspect_ratio", None) == "anyres":
-        raise ValueError(f"method {cfg.method!r} {MERGING[cfg.method]}, which have no grid position, so "
+        raise ValueError(f"method {cfg.method!r} {MERGING[cfg.method]}, which have no grid "
+                         f"position, so "
                          f"it cannot run on LLaVA-NeXT (anyres) crops; pick an index method")
 
 

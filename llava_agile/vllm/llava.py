@@ -211,7 +211,8 @@ class _NextBlockScorer(torch.nn.Module):
             raise ValueError("llava_agile: prumerge_plus scores with the vision block after the "
                              "select layer, and this model selects the tower's last block")
         self.pattern = re.compile(rf"vision_tower\.vision_model\.encoder\.layers\.{index}\."
-                                  rf"(layer_norm1|self_attn\.q_proj|self_attn\.k_proj)\.(weight|bias)$")
+                                  r"(layer_norm1|self_attn\.q_proj|self_attn\.k_proj)\."
+                                  r"(weight|bias)$")
         self.layer_norm1 = torch.nn.LayerNorm(width, eps=vision_config.layer_norm_eps)
         self.q_proj = torch.nn.Linear(width, width)
         self.k_proj = torch.nn.Linear(width, width)
@@ -272,7 +273,7 @@ class AgileLlava(AgileModel, LlavaForConditionalGeneration):
                                                self.config.vision_feature_layer)
 
     def load_weights(self, weights):
-        """vLLM's loading, plus the next block's weights PruMerge+ needs (see `_NextBlockScorer`)."""
+        """vLLM's loading, plus the next block's weights PruMerge+ needs (`_NextBlockScorer`)."""
         if self.agile_next is None:
             return super().load_weights(weights)
         ours = set()

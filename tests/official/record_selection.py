@@ -105,7 +105,8 @@ def record_cdpruner(path):
 def record_trim(path):
     from types import SimpleNamespace
 
-    mod = load("trim_clip_encoder", os.path.join(path, "llava/model/multimodal_encoder/clip_encoder.py"))
+    mod = load("trim_clip_encoder",
+               os.path.join(path, "llava/model/multimodal_encoder/clip_encoder.py"))
     torch.set_grad_enabled(False)  # it calls .numpy()
     same = lambda t: t  # noqa: E731
     cases = []

@@ -34,8 +34,8 @@ def holov_inputs(seed: int, n: int, d: int, attention: str):
     return torch.from_numpy(x), torch.from_numpy(softmax(z))
 
 
-# CDPruner: (seed, B, N, D, E, M, K); image 1 of a batch is shifted toward the text (it holds the lowest relevance), so the
-# official min-max over the whole batch differs from per image
+# CDPruner: (seed, B, N, D, E, M, K); image 1 of a batch is shifted toward the text (it holds
+# the lowest relevance), so the official min-max over the whole batch differs from per image
 # (D above K: the official greedy produces NaN once K exceeds the kernel's rank)
 CDPRUNER = [(0, 1, 576, 96, 32, 1, 64), (1, 1, 576, 256, 32, 3, 128),
             (2, 2, 576, 256, 32, 1, 96), (3, 2, 300, 48, 16, 2, 32), (4, 1, 100, 128, 16, 1, 30)]

@@ -43,7 +43,8 @@ def holov_margin(x, a, k, chunks) -> float:
     return margin
 
 
-@pytest.mark.parametrize("case", golden("holov")["cases"], ids=lambda c: f"{c['n']}-{c['keep']}-{c['attention']}")
+@pytest.mark.parametrize("case", golden("holov")["cases"],
+                         ids=lambda c: f"{c['n']}-{c['keep']}-{c['attention']}")
 def test_holov_equals_the_official_code(case):
     x, a = C.holov_inputs(case["seed"], case["n"], case["d"], case["attention"])
     assert holov_margin(x, a, case["keep"], case["chunks"]) > MARGIN
@@ -65,7 +66,8 @@ def test_holov_backfill_keeps_real_tokens_in_place_of_the_zero_rows():
     assert st["attention_indices"][:len(official)] == official  # the official rows first
     rest = torch.tensor(st["attention_indices"][len(official):])  # then the best-attended others
     others = torch.tensor(sorted(set(range(case["n"])) - set(official)))
-    assert torch.equal(rest, others[torch.sort(a[others], descending=True, stable=True).indices][:rest.numel()])
+    best = others[torch.sort(a[others], descending=True, stable=True).indices]
+    assert torch.equal(rest, best[:rest.numel()])
     assert torch.equal(res.features, x[st["attention_indices"]])
 
 

@@ -93,7 +93,8 @@ def test_config_is_validated_by_pruneconfig():
     cfg.agile = {"method": "none"}  # keeps every token whatever `keep` says
     assert kept_count(agile_config(cfg), 576, "default") == 576
     for bad, words in (({"method": "nope"}, "unknown pruning method"), ({"keep": 0}, "keep"),
-                       ({"adaptive_count": True}, "adaptive_count=True, count='iqr') is not possible"),
+                       ({"adaptive_count": True},
+                        "adaptive_count=True, count='iqr') is not possible"),
                        ({"method": "prumerge_plus", "count": "iqr"}, "is not possible under vLLM"),
                        ("adaptive", "must be a dict"),
                        ({"method": "fastv", "keep": 64}, "paged KV cache"),
