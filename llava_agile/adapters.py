@@ -4,14 +4,15 @@
   `llava_agile.llava.runtime`;
 - transformers' `LlavaForConditionalGeneration` / `LlavaNextForConditionalGeneration`
   (config.model_type "llava" / "llava_next"): `llava_agile.hf`, imported only then;
-- transformers' `Qwen2_5_VLForConditionalGeneration` (model_type "qwen2_5_vl", transformers 5.x):
+- transformers' `Qwen2_5_VLForConditionalGeneration` / `Qwen3VLForConditionalGeneration`
+  (model_type "qwen2_5_vl" / "qwen3_vl", transformers 5.x):
   `llava_agile.hf.qwen`.
 """
 from __future__ import annotations
 
 SUPPORTED = ("LLaVA's own LlavaLlamaForCausalLM (llava.model.builder.load_pretrained_model), "
              "transformers' LlavaForConditionalGeneration, LlavaNextForConditionalGeneration "
-             "and Qwen2_5_VLForConditionalGeneration")
+             "and Qwen2_5_VLForConditionalGeneration / Qwen3VLForConditionalGeneration")
 
 
 def model_family(model) -> str | None:
@@ -21,7 +22,7 @@ def model_family(model) -> str | None:
     kind = getattr(getattr(model, "config", None), "model_type", None)
     if kind in ("llava", "llava_next") and hasattr(model, "generate"):
         return "hf"
-    if kind == "qwen2_5_vl" and hasattr(model, "generate"):
+    if kind in ("qwen2_5_vl", "qwen3_vl") and hasattr(model, "generate"):
         return "qwen"
     return None
 

@@ -61,7 +61,7 @@ def enable(model, processor=None, method="adaptive", keep: int | None = None, *,
     tower); the question is the prompt's text after each image (or `set_question`).
     Qwen2.5-VL (transformers 5.x): `llava_agile.hf.qwen.enable`.
     """
-    if getattr(getattr(model, "config", None), "model_type", None) == "qwen2_5_vl":
+    if getattr(getattr(model, "config", None), "model_type", None) in ("qwen2_5_vl", "qwen3_vl"):
         if anyres_mode is not None:
             raise ValueError("anyres_mode is for LLaVA-NeXT; Qwen2.5-VL prunes each image")
         from . import qwen

@@ -1,13 +1,18 @@
-"""Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`, transformers 5.x): pruning after the patch
-merger with the kept tokens' original M-RoPE positions.
+"""Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`) and Qwen3-VL
+(`Qwen3VLForConditionalGeneration`), transformers 5.x: pruning after the patch merger with the
+kept tokens' original M-RoPE positions.
 
 - Scores (`attention_source="received_mean"`; Qwen's ViT has no [CLS]): a forward hook on one
-  vision block's attention (default: the last full-attention block,
-  `fullatt_block_indexes[-1]`) recomputes that layer's q / k with its 2-D rotary embedding and
+  vision block's attention (default: the last full-attention block, Qwen2.5-VL's
+  `fullatt_block_indexes[-1]`; Qwen3-VL's blocks all attend fully: its last block) recomputes
+  that layer's q / k with its 2-D rotary embedding and
   averages, over heads and over every query of the same image (`cu_seqlens`), the softmax
   attention each patch receives. The ViT itself keeps its fast kernel. The patch scores are
-  mean-pooled over each 2x2 merge group, the window reordering is undone (merged tokens in
-  raster order) and each image's scores are renormalised to sum to 1, like a [CLS] row.
+  mean-pooled over each 2x2 merge group, Qwen2.5-VL's window reordering is undone (merged
+  tokens in raster order) and each image's scores are renormalised to sum to 1, like a [CLS] row.
+- Qwen3-VL's deepstack features (one merger per deepstack block, added to the LLM's hidden
+  states after its first decoder layers at the image placeholders) are cut with the same kept
+  indices as the main features, so every level matches the placeholders.
 - Selection (`llava_agile.selection.select`) runs per image on the merger's output (the LLM
   tokens; `feature_space="vision"`: the merger's input, the 4 patch states of a group
   concatenated); the kept indices are sorted (raster order).
@@ -21,11 +26,14 @@ merger with the kept tokens' original M-RoPE positions.
   min(K, N) placeholders per image (`mm_token_type_ids` follows `input_ids`). `adaptive_count`:
   `llava_agile.generate(model, **inputs, ...)` (`generate` below) cuts each image's run.
 
-Only instance attributes are set; `disable` removes them. Videos are refused.
+Only instance attributes are set; `disable` removes them. Videos are refused, and so are the
+in-LLM methods on Qwen3-VL (deepstack adds the full image's features after decoder layers that
+FastV / DART would already have shortened).
 """
 from __future__ import annotations
 
 import functools
+import inspect
 import re
 import sys
 import warnings
@@ -41,8 +49,10 @@ from . import llm
 from .processor import check_identity, refuse_mismatch
 
 TESTED = "5.24.0"
-MODEL = "Qwen2_5_VLForConditionalGeneration"
-PROCESSOR = "Qwen2_5_VLProcessor"
+# model_type -> (model class, processor class, name)
+FAMILIES = {"qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor",
+                           "Qwen2.5-VL"),
+            "qwen3_vl": ("Qwen3VLForConditionalGeneration", "Qwen3VLProcessor", "Qwen3-VL")}
 SOURCES = ("received_mean",)
 _MISSING = object()
 _PATCHED = ("get_image_features", "get_video_features", "get_rope_index", "get_vision_position_ids")
@@ -50,7 +60,11 @@ _PATCHED = ("get_image_features", "get_video_features", "get_rope_index", "get_v
 
 def is_qwen(model) -> bool:
     kind = getattr(getattr(model, "config", None), "model_type", None)
-    return kind == "qwen2_5_vl" and any(c.__name__ == MODEL for c in type(model).__mro__)
+    return kind in FAMILIES and any(c.__name__ == FAMILIES[kind][0] for c in type(model).__mro__)
+
+
+def _name(model) -> str:
+    return FAMILIES[model.config.model_type][2]
 
 
 def check_transformers(version: str | None = None) -> None:
@@ -61,12 +75,12 @@ def check_transformers(version: str | None = None) -> None:
     major, minor = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
     if major < 5:
         raise RuntimeError(
-            f"Qwen2.5-VL pruning needs transformers 5.x (tested on {TESTED}); {version} computes "
+            f"Qwen-VL pruning needs transformers 5.x (tested on {TESTED}); {version} computes "
             f"the M-RoPE positions in one get_rope_index without the per-image hook "
             f"get_vision_position_ids that keeps the pruned tokens' positions: "
             f"pip install transformers=={TESTED}")
     if (major, minor) != (5, 24):
-        warnings.warn(f"transformers {version}: llava_agile's Qwen2.5-VL adapter is tested on "
+        warnings.warn(f"transformers {version}: llava_agile's Qwen-VL adapter is tested on "
                       f"{TESTED}; install it if pruning misbehaves", stacklevel=3)
 
 
@@ -120,7 +134,7 @@ class State:
     def __init__(self, cfg, model, layer: int, hook: _Hook):
         self.config, self.owner, self.inner = cfg, model, model.model
         self.layer, self.hook = layer, hook
-        self.family = "qwen2_5_vl"
+        self.family = model.config.model_type
         self.saved: dict = {}
         self.processor = None
         self.processor_saved: dict = {}
@@ -154,7 +168,8 @@ def _encode(state, orig, pixel_values, grid, kwargs):
     from transformers.vision_utils import get_vision_window_index
 
     if grid is None:
-        raise ValueError("Qwen2.5-VL needs image_grid_thw (pass the processor's outputs)")
+        raise ValueError(f"{_name(state.owner)} needs image_grid_thw (pass the processor's "
+                         f"outputs)")
     cfg, visual = state.config, state.inner.visual
     state.hook.rows, state.hook.active = [], True
     try:
@@ -165,12 +180,14 @@ def _encode(state, orig, pixel_values, grid, kwargs):
         raise RuntimeError(f"expected one call of vision block {state.layer}'s attention, got "
                            f"{len(state.hook.rows)}")
     unit = visual.spatial_merge_size ** 2
-    window, _ = get_vision_window_index(grid, visual.spatial_merge_size, visual.window_size,
-                                        visual.patch_size)
-    back = torch.argsort(window.to(grid.device))
-    scores = state.hook.rows[0].view(-1, unit).mean(1)[back]           # merged, raster order
+    scores = state.hook.rows[0].view(-1, unit).mean(1)                   # merged tokens
     hidden = out.last_hidden_state
-    vision = hidden.reshape(-1, unit * hidden.shape[-1])[back]           # the merger's input
+    vision = hidden.reshape(-1, unit * hidden.shape[-1])                 # the merger's input
+    if hasattr(visual, "window_size"):  # Qwen2.5-VL: back from the window order to raster
+        window, _ = get_vision_window_index(grid, visual.spatial_merge_size, visual.window_size,
+                                            visual.patch_size)
+        back = torch.argsort(window.to(grid.device))
+        scores, vision = scores[back], vision[back]
     sizes = [int(f.shape[0]) for f in out.pooler_output]
     feats, stats, kept = [], [], []
     for proj, a, v in zip(out.pooler_output, scores.split(sizes), vision.split(sizes)):
@@ -191,6 +208,9 @@ def _encode(state, orig, pixel_values, grid, kwargs):
     state.kept, state.full_lengths = kept, sizes
     state.owner.agile_stats = stats
     out.pooler_output = tuple(feats)
+    if getattr(out, "deepstack_features", None):  # Qwen3-VL: every level cut alike
+        out.deepstack_features = [tuple(f[i.to(f.device)] for f, i in zip(level, kept))
+                                  for level in out.deepstack_features]
     return out
 
 
@@ -210,8 +230,8 @@ def _get_image_features(state, orig):
 def _get_video_features(state, orig):
     @functools.wraps(orig)
     def get_video_features(*args, **kwargs):
-        raise ValueError("llava_agile's Qwen2.5-VL pruning supports images only; videos are not "
-                         "supported: llava_agile.disable(model) for video inputs")
+        raise ValueError(f"llava_agile's {_name(state.owner)} pruning supports images only; "
+                         f"videos are not supported: llava_agile.disable(model) for video inputs")
 
     return get_video_features
 
@@ -222,18 +242,21 @@ def _count_images(input_ids, attention_mask, token) -> int:
 
 
 def _get_rope_index(state, orig):
+    signature = inspect.signature(orig)  # Qwen2.5-VL's has second_per_grid_ts, Qwen3-VL's not
+
     @functools.wraps(orig)
-    def get_rope_index(input_ids, mm_token_type_ids=None, image_grid_thw=None,
-                       video_grid_thw=None, second_per_grid_ts=None, attention_mask=None,
-                       **kwargs):
-        if video_grid_thw is not None:
-            raise ValueError("llava_agile's Qwen2.5-VL pruning supports images only; videos are "
-                             "not supported: llava_agile.disable(model) for video inputs")
-        call = functools.partial(orig, input_ids, mm_token_type_ids, image_grid_thw, None,
-                                 second_per_grid_ts, attention_mask, **kwargs)
+    def get_rope_index(*args, **kwargs):
+        given = signature.bind(*args, **kwargs).arguments
+        input_ids, attention_mask = given["input_ids"], given.get("attention_mask")
+        image_grid_thw = given.get("image_grid_thw")
+        if given.get("video_grid_thw") is not None:
+            raise ValueError(f"llava_agile's {_name(state.owner)} pruning supports images only; "
+                             f"videos are not supported: llava_agile.disable(model) for video "
+                             f"inputs")
+        call = functools.partial(orig, *args, **kwargs)
         if image_grid_thw is None:
             return call()
-        pixels = kwargs.get("pixel_values")
+        pixels = given.get("kwargs", {}).get("pixel_values")
         if pixels is not None and (state.pending is None or
                                    state.pending[0] != _key(pixels, image_grid_thw)):
             # generate computes the positions before its first forward: encode the images now
@@ -275,7 +298,8 @@ def _get_vision_position_ids(state, orig):
 # ---------------------------------------------------------------- processor
 
 def _check_processor(processor, model) -> None:
-    check_identity(processor, MODEL, PROCESSOR, "<|image_pad|>")
+    model_name, processor_name, _ = FAMILIES[model.config.model_type]
+    check_identity(processor, model_name, processor_name, "<|image_pad|>")
     problems = []
     if getattr(processor, "image_token_id", None) != model.config.image_token_id:
         problems.append(f"image token id {getattr(processor, 'image_token_id', None)} != the "
@@ -341,47 +365,55 @@ def scoring_layer(visual, attention_layer: int | None) -> int:
 def enable(model, processor=None, method="adaptive", keep: int | None = None, *,
            feature_space: str | None = None, attention_source: str = "received_mean",
            attention_layer: int | None = None, **params):
-    """Prune the visual tokens of an HF Qwen2.5-VL model after its patch merger; returns it."""
+    """Prune the visual tokens of an HF Qwen2.5-VL / Qwen3-VL model after its patch merger;
+    returns it."""
     check_transformers()
     if not is_qwen(model):
-        raise ValueError(f"{type(model).__name__} is not transformers' {MODEL}")
+        raise ValueError(f"{type(model).__name__} is not transformers' "
+                         f"{' or '.join(f[0] for f in FAMILIES.values())}")
+    family = _name(model)
     inner = getattr(model, "model", None)
     visual = getattr(inner, "visual", None)
     if visual is None or not hasattr(visual, "blocks") or not hasattr(visual, "merger"):
         raise ValueError(f"{type(model).__name__} has no model.visual with blocks and a merger "
-                         f"(Qwen2.5-VL's vision transformer); install transformers=={TESTED}")
+                         f"({family}'s vision transformer); install transformers=={TESTED}")
     for name in _PATCHED:
         if not callable(getattr(inner, name, None)):
             raise ValueError(f"{type(inner).__name__} has no {name}: this transformers version "
                              f"lacks the hook point llava_agile patches; install "
                              f"transformers=={TESTED}")
     if attention_source not in SOURCES:
-        raise ValueError(f"attention_source={attention_source!r}: Qwen2.5-VL has no [CLS] token; "
+        raise ValueError(f"attention_source={attention_source!r}: {family} has no [CLS] token; "
                          f"supported: {', '.join(SOURCES)}")
     cfg = as_config(method, keep, feature_space, None, **params)
     if cfg.method in inllm.METHODS:
+        if model.config.model_type == "qwen3_vl":
+            raise ValueError(f"{cfg.method} prunes inside the LLM, and Qwen3-VL's deepstack adds "
+                             f"the whole image's features to the hidden states after its first "
+                             f"decoder layers, at every image placeholder: the shortened "
+                             f"sequence no longer matches them; on Qwen3-VL use a method that "
+                             f"prunes before the LLM")
         if cfg.method in inllm.RENUMBER:
             raise ValueError(f"{cfg.method} renumbers positions after each drop, which has no "
-                             f"M-RoPE (t, h, w) counterpart in its authors' code; on Qwen2.5-VL "
+                             f"M-RoPE (t, h, w) counterpart in its authors' code; on {family} "
                              f"use fastv or dart (kept tokens keep their M-RoPE positions)")
         disable(model)
         return llm.enable(model, cfg)
     if cfg.method in TEXT:
         raise ValueError(f"{cfg.method} is conditioned on the question with a CLIP text tower, "
-                         f"which Qwen2.5-VL's vision encoder has no counterpart of; it runs on "
+                         f"which {family}'s vision encoder has no counterpart of; it runs on "
                          f"LLaVA-1.5 / NeXT")
     if cfg.method in MERGING:
         raise ValueError(f"method {cfg.method!r} {MERGING[cfg.method]}, which have no single "
-                         f"(t, h, w) "
-                         f"M-RoPE position (and visionzip needs a [CLS] layer's keys); pick an "
-                         f"index method on Qwen2.5-VL")
+                         f"(t, h, w) M-RoPE position (and visionzip needs a [CLS] layer's "
+                         f"keys); pick an index method on {family}")
     _check_processor(processor, model)
     layer = scoring_layer(visual, attention_layer)
     attn = visual.blocks[layer].attn
     for name in ("qkv", "num_heads", "scaling"):
         if not hasattr(attn, name):
             raise ValueError(f"vision block {layer}'s attention {type(attn).__name__} lacks "
-                             f"{name}; the received_mean hook needs Qwen2.5-VL's vision attention")
+                             f"{name}; the received_mean hook needs Qwen's vision attention")
     if is_enabled(model):
         disable(model)
     state = State(cfg, model, layer, _Hook(attn))
@@ -442,13 +474,13 @@ def generate(model, input_ids=None, pixel_values=None, attention_mask=None,
 
     state = model.__dict__.get("_agile_state")
     if not isinstance(state, State):
-        raise ValueError("llava_agile.generate needs a Qwen2.5-VL model enabled with "
+        raise ValueError("llava_agile.generate needs a Qwen2.5-VL / Qwen3-VL model enabled with "
                          "llava_agile.enable(model, processor=..., ...)")
     if input_ids is None or pixel_values is None or image_grid_thw is None:
         raise ValueError("llava_agile.generate needs input_ids, pixel_values and image_grid_thw "
                          "(the processor's outputs: llava_agile.generate(model, **inputs, ...))")
     if generate_kwargs.get("pixel_values_videos") is not None:
-        raise ValueError("videos are not supported by llava_agile's Qwen2.5-VL pruning")
+        raise ValueError("videos are not supported by llava_agile's Qwen pruning")
     state.encoding = True
     try:
         with torch.no_grad():
@@ -474,7 +506,7 @@ def generate(model, input_ids=None, pixel_values=None, attention_mask=None,
 
 def calibrate(model, processor, images, prompt: str, out_file=None, center: bool = True) -> dict:
     """Mean (and spread) over `images` of the full merged-token erank and the received_mean
-    entropy of a Qwen2.5-VL model enabled with llava_agile.enable: the `erank_avg` /
+    entropy of a Qwen2.5-VL / Qwen3-VL model enabled with llava_agile.enable: the `erank_avg` /
     `entropy_avg` to use for it (the paper's 90 was measured on LLaVA's features). Written as
     JSON like `llava_agile calibrate` (read by `--erank-avg-file`) when `out_file` is given."""
     import json
@@ -485,7 +517,7 @@ def calibrate(model, processor, images, prompt: str, out_file=None, center: bool
 
     state = model.__dict__.get("_agile_state")
     if not isinstance(state, State):
-        raise ValueError("calibrate needs a Qwen2.5-VL model enabled with llava_agile.enable("
+        raise ValueError("calibrate needs a Qwen-VL model enabled with llava_agile.enable("
                          "model, processor=..., ...) (any method: the full tokens are measured)")
     per_image = []
     for image in images:

@@ -35,22 +35,29 @@ PROMPT = "describe <|vision_start|><|image_pad|><|vision_end|> the image"
 SIZES = [(112, 112), (112, 168)]
 
 
-def tiny_processor():
+def tiny_tokenizer():
+    """A word-level tokenizer with Qwen's vision tokens (shared with test_hf_qwen3)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2_5_VLProcessor
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import \
-        Qwen2VLImageProcessorPil
-    from transformers.processing_utils import ProcessorMixin
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "<unk>": 1, "<eos>": 2, **{w: i + 3 for i, w in enumerate(WORDS)},
              "<|vision_start|>": VSTART, "<|vision_end|>": VEND, "<|image_pad|>": IMAGE,
              "<|video_pad|>": VIDEO}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
                                    eos_token="<eos>", padding_side="left",
                                    additional_special_tokens=["<|vision_start|>", "<|vision_end|>",
                                                               "<|image_pad|>", "<|video_pad|>"])
+
+
+def tiny_processor():
+    from transformers import Qwen2_5_VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import \
+        Qwen2VLImageProcessorPil
+    from transformers.processing_utils import ProcessorMixin
+
+    fast = tiny_tokenizer()
     images = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=28 * 28 * 64)
     orig = ProcessorMixin.check_argument_for_proper_class
 
