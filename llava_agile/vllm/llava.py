@@ -10,15 +10,17 @@ Without an `agile` entry in the model config it is vLLM's class unchanged. With 
   (`llava.attention.cls_attention_row`; under tensor parallelism the heads of every rank are
   summed with an all-reduce before the mean); `selection.flat_tokens` then keeps exactly K tokens
   in raster order, as every other llava_agile integration does.
-Refused with a ValueError: `adaptive_count=True` (vLLM fixes the placeholder count before the
-tower runs), precomputed `image_embeds` inputs (no [CLS] row to select with), non-CLIP towers and
-several feature layers. LLaVA-NeXT (`llava_next.py`) reuses the config check, the tower hook and
-the `image_embeds` refusal.
+A request may carry its own budget (`mm_processor_kwargs` `{"agile": {"keep": K}}`,
+`RequestBudget`). Refused with a ValueError: `adaptive_count=True` (vLLM fixes the placeholder
+count before the tower runs), precomputed `image_embeds` inputs (no [CLS] row to select with),
+non-CLIP towers and several feature layers. LLaVA-NeXT (`llava_next.py`) reuses the config
+check, the tower hook, the request budgets and the `image_embeds` refusal.
 """
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 
 import torch
 from transformers import CLIPVisionConfig
@@ -29,7 +31,8 @@ from vllm.model_executor.models.llava import (LlavaDummyInputsBuilder, LlavaForC
                                               _build_llava_or_pixtral_hf_info,
                                               _build_llava_or_pixtral_hf_processor)
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.parse import ImageEmbeddingItems
+from vllm.multimodal.inputs import MultiModalFieldConfig
+from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems
 
 from ..config import PruneConfig
 from ..inllm import METHODS as INLLM_METHODS
@@ -57,6 +60,43 @@ def agile_config(hf_config) -> PruneConfig | None:
     else:
         raise ValueError(f"llava_agile: hf_overrides '{KEY}' must be a dict such as "
                          f"{{\"method\": \"adaptive\", \"keep\": 64}}, got {type(raw).__name__}")
+    return _check(cfg, hf_config)
+
+
+def request_config(engine: PruneConfig | None, mm_kwargs: Mapping) -> PruneConfig | None:
+    """The config of one request: the engine's, with the request's `mm_processor_kwargs`
+    `{"agile": {"keep": K, <the method's parameters>}}` over it (validated: a bad value is that
+    request's error). The method itself is the engine's."""
+    raw = mm_kwargs.get(KEY)
+    if raw is None:
+        return engine
+    if engine is None:
+        raise ValueError(f"llava_agile: this request sets mm_processor_kwargs '{KEY}', but the "
+                         f"engine was started without hf_overrides {{'{KEY}': {{...}}}}, so it "
+                         f"does not prune")
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"llava_agile: mm_processor_kwargs '{KEY}' must be a dict such as "
+                         f"{{\"keep\": 128}}, got {type(raw).__name__}")
+    if raw.get("method", engine.method) != engine.method:
+        raise ValueError(f"llava_agile: a request may set keep and {engine.method}'s parameters, "
+                         f"not another method ({raw['method']!r}; the engine runs "
+                         f"{engine.method!r}, whose vision hooks are set up at start-up)")
+    params = {k: v for k, v in raw.items() if k not in ("method", "keep")}
+    try:
+        cfg = PruneConfig(method=engine.method, keep=raw.get("keep", engine.keep),
+                          params={**engine.params, **params}, feature_space=engine.feature_space,
+                          anyres_mode=engine.anyres_mode, stats=engine.stats)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"llava_agile: bad mm_processor_kwargs {{'{KEY}': {dict(raw)!r}}}: "
+                         f"{e}") from None
+    if variable_count(cfg.method, cfg.params):
+        raise ValueError("llava_agile: a data-dependent count (adaptive_count=True, count='iqr') "
+                         "is not possible under vLLM, which fixes the placeholder count first")
+    return cfg
+
+
+def _check(cfg: PruneConfig, hf_config) -> PruneConfig:
+    """What vLLM cannot hold: ValueError with the reason."""
     if cfg.method in INLLM_METHODS:
         raise ValueError(f"llava_agile: {cfg.method} prunes inside the LLM (fewer tokens from one "
                          f"decoder layer on), which vLLM's paged KV cache (one length per sequence "
@@ -102,8 +142,11 @@ class AgileLlavaProcessingInfo(LlavaProcessingInfo):
         return agile_config(self.get_hf_config())
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
+        return self.agile_count(self.agile_config(), image_width, image_height)
+
+    def agile_count(self, cfg, image_width: int, image_height: int) -> int:
+        """Placeholders of one image under `cfg` (None: vLLM's own count)."""
         n = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
-        cfg = self.agile_config()
         if cfg is None:
             return n
         return kept_count(cfg, n, self.get_hf_config().vision_feature_select_strategy)
@@ -125,7 +168,43 @@ class RefuseEmbeds:
         return super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
 
 
-class AgileLlavaMultiModalProcessor(RefuseEmbeds, LlavaMultiModalProcessor):
+class RequestBudget:
+    """Processor mixin, a budget per request: the request's `mm_processor_kwargs`
+    `{"agile": {"keep": K, ...}}` (`request_config`) sets its images' placeholder count (the
+    info's `agile_count`), and travels to the model as the per-image field `agile_keep` (every
+    image of a pruned engine carries one, the engine's K by default, so batches stay uniform).
+    vLLM hashes the kwargs into each image's multimodal hash: the same image under two budgets
+    shares no cache entry."""
+
+    def _call_hf_processor(self, hf_data, hf_kwargs):
+        cfg = request_config(self.info.agile_config(), hf_kwargs)
+        out = super()._call_hf_processor(hf_data, {k: v for k, v in hf_kwargs.items()
+                                                   if k != KEY})
+        if cfg is not None and "pixel_values" in out:
+            out["agile_keep"] = torch.full((len(out["pixel_values"]),), cfg.keep)
+        return out
+
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
+        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+        if "agile_keep" in hf_inputs:
+            fields["agile_keep"] = MultiModalFieldConfig.batched("image")
+        return fields
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        if KEY not in hf_processor_mm_kwargs:
+            return updates
+        cfg = request_config(self.info.agile_config(), hf_processor_mm_kwargs)
+        token = self.info.get_hf_config().image_token_index
+
+        def count(item: int) -> list[int]:
+            size = mm_items.get_items("image", ImageProcessorItems).get_image_size(item)
+            return [token] * self.info.agile_count(cfg, size.width, size.height)
+
+        return [replace(u, replacement=count) for u in updates]
+
+
+class AgileLlavaMultiModalProcessor(RequestBudget, RefuseEmbeds, LlavaMultiModalProcessor):
     pass
 
 
@@ -246,6 +325,17 @@ class AgileModel:
         self.agile_config = self.check(self.config)
         self.agile_stats: list[dict] = []
         self.agile_encoder_calls = 0
+        self.agile_keeps = None  # per image of the current encoder call (request budgets)
+
+    def _parse_and_validate_image_input(self, **kwargs):
+        keep = kwargs.pop("agile_keep", None)  # the per-image budgets (`RequestBudget`)
+        self.agile_keeps = None if keep is None else [int(k) for k in keep]
+        return super()._parse_and_validate_image_input(**kwargs)
+
+    def agile_budgets(self, cfg, n: int) -> list:
+        """The config of each of this call's `n` images (the request budgets over `cfg`)."""
+        keeps = self.agile_keeps or [cfg.keep] * n
+        return [cfg if k == cfg.keep else replace(cfg, keep=k) for k in keeps]
 
     @torch.no_grad()
     def _process_image_input(self, image_input):
@@ -310,15 +400,24 @@ class AgileLlava(AgileModel, LlavaForConditionalGeneration):
         keys = torch.cat(rec.keys) if rec.keys else None
         cls = torch.cat(rec.cls)
         proj = None if cfg.feature_space == "vision" else self.multi_modal_projector(feats)
-        out, stats = flat_tokens(cfg, self.multi_modal_projector, clip, rows,
-                                 None if proj is None else (proj[:, 1:] if full else proj),
-                                 keys, cls)
+        patches = None if proj is None else (proj[:, 1:] if full else proj)
+        budgets = self.agile_budgets(cfg, clip.shape[0])
+        out, stats = [None] * clip.shape[0], [None] * clip.shape[0]
+        for k in sorted({c.keep for c in budgets}):  # one selection call per budget
+            sel = [b for b, c in enumerate(budgets) if c.keep == k]
+            part = (lambda t: None if t is None else t[sel])  # noqa: E731
+            feats_k, stats_k = flat_tokens(budgets[sel[0]], self.multi_modal_projector,
+                                           clip[sel], rows[sel], part(patches), part(keys),
+                                           cls[sel])
+            for b, f, st in zip(sel, feats_k, stats_k):
+                out[b], stats[b] = f, st
         if full:  # the [CLS] token in front of the kept ones, as vLLM feeds it
             head = proj[:, :1] if proj is not None else self.multi_modal_projector(feats[:, :1])
             out = [torch.cat([head[b], f]) for b, f in enumerate(out)]
-        want = kept_count(cfg, feats.shape[1], self.config.vision_feature_select_strategy)
-        for f in out:
+        for f, c in zip(out, budgets):
+            want = kept_count(c, feats.shape[1], self.config.vision_feature_select_strategy)
             if f.shape[0] != want:
                 raise RuntimeError(f"llava_agile: {cfg.method} returned {f.shape[0]} tokens, the "
                                    f"prompt holds {want} placeholders")
-        return torch.stack(out), stats
+        same = all(f.shape == out[0].shape for f in out)
+        return torch.stack(out) if same else tuple(out), stats

@@ -25,7 +25,8 @@ from ..config import PruneConfig
 from ..llava.anyres import Layout, assemble
 from ..methods import MERGING
 from ..selection import crop_mask, crop_stats, needs_keys
-from .llava import KEY, AgileModel, RefuseEmbeds, _SelectLayerRecorder, agile_config, kept
+from .llava import (KEY, AgileModel, RefuseEmbeds, RequestBudget, _SelectLayerRecorder,
+                    agile_config, kept)
 
 
 def next_config(hf_config) -> PruneConfig | None:
@@ -42,8 +43,8 @@ def next_config(hf_config) -> PruneConfig | None:
                          f"--hf-overrides '{{\"{KEY}\": {{\"method\": \"{cfg.method}\", "
                          f"\"keep\": {cfg.keep}, \"anyres_mode\": \"global\"}}}}'")
     if cfg.method in MERGING:
-        raise ValueError(f"llava_agile: method {cfg.method!r} merges tokens and cannot run on "
-                         f"LLaVA-NeXT's several crops per image; pick an index method")
+        raise ValueError(f"llava_agile: method {cfg.method!r} {MERGING[cfg.method]} and cannot "
+                         f"run on LLaVA-NeXT's several crops per image; pick an index method")
     if hf_config.vision_feature_select_strategy != "default":
         raise ValueError("llava_agile: LLaVA-NeXT with vision_feature_select_strategy="
                          f"{hf_config.vision_feature_select_strategy!r} is not supported: anyres "
@@ -86,8 +87,11 @@ class AgileLlavaNextProcessingInfo(LlavaNextProcessingInfo):
         return next_config(self.get_hf_config())
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
+        return self.agile_count(self.agile_config(), image_width, image_height)
+
+    def agile_count(self, cfg, image_width: int, image_height: int) -> int:
+        """Placeholders of one image under `cfg` (None: vLLM's own count)."""
         n = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
-        cfg = self.agile_config()
         if cfg is None:
             return n
         hf_config, vision = self.get_hf_config(), self.get_vision_encoder_info()
@@ -100,7 +104,8 @@ class AgileLlavaNextProcessingInfo(LlavaNextProcessingInfo):
         return kept(cfg, n - rows) + rows  # the newlines are never pruned
 
 
-class AgileLlavaNextMultiModalProcessor(RefuseEmbeds, LlavaNextMultiModalProcessor):
+class AgileLlavaNextMultiModalProcessor(RequestBudget, RefuseEmbeds,
+                                        LlavaNextMultiModalProcessor):
     pass
 
 
@@ -131,10 +136,11 @@ class AgileLlavaNext(AgileModel, LlavaNextForConditionalGeneration):
                                f"{tuple(rows.shape)}")
         sizes = image_input.get("image_sizes")
         out, stats, start = [], [], 0
+        budgets = self.agile_budgets(cfg, len(crops))
         for i, proj in enumerate(crops):
             n = proj.shape[0]
             size = sizes[i] if sizes is not None else [self.config.vision_config.image_size] * 2
-            tokens, st = image_tokens(cfg, self.config, size, proj, clip[start:start + n],
+            tokens, st = image_tokens(budgets[i], self.config, size, proj, clip[start:start + n],
                                       rows[start:start + n], self.image_newline)
             start += n
             out.append(tokens)

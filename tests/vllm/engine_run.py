@@ -73,7 +73,8 @@ def main(spec_path, out_path):
             llm.apply_model(_record)
         reqs = [{"prompt": r["prompt"],
                  "multi_modal_data": {"image": [Image.open(p).convert("RGB")
-                                                for p in r["images"]]}} for r in batch]
+                                                for p in r["images"]]},
+                 **({"mm_processor_kwargs": r["mm"]} if "mm" in r else {})} for r in batch]
         res = llm.generate(reqs, params, use_tqdm=False)
         if record and n == 0:
             out["selection"] = llm.apply_model(_recorded)[0]
@@ -82,6 +83,16 @@ def main(spec_path, out_path):
                           "token_ids": list(r.outputs[0].token_ids),
                           "num_cached_tokens": r.num_cached_tokens} for r in res],
             "model": llm.apply_model(_probe)[0]})
+    out["refused"] = []  # requests expected to fail alone: their error, then a good one runs
+    for r in spec.get("refused", []):
+        try:
+            llm.generate([{"prompt": r["prompt"], "mm_processor_kwargs": r["mm"],
+                           "multi_modal_data": {"image": [Image.open(p).convert("RGB")
+                                                          for p in r["images"]]}}], params,
+                         use_tqdm=False)
+            out["refused"].append(None)
+        except Exception as e:  # noqa: BLE001 - the message is what the test checks
+            out["refused"].append(f"{type(e).__name__}: {e}")
     if spec.get("embeds"):  # a precomputed image_embeds input: must be refused under the plugin
         import torch
         try:

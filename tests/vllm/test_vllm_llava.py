@@ -237,3 +237,28 @@ def test_prumerge_plus_scores_with_the_next_block_loaded_beside_vllm(tiny, disab
     (st,) = res["rounds"][0]["model"]["stats"]
     assert st["attention_indices"] == ref.stats[0]["attention_indices"]
     assert len(st["attention_indices"]) == K - 1
+
+
+def test_a_budget_per_request(tiny, disabled):
+    """mm_processor_kwargs {"agile": {"keep": k}} sets one request's K: the same image under three
+    budgets in one batch gets 8, 32 and the engine's K placeholders, and the model keeps that
+    many tokens per image (no cache entry shared across budgets); bad values fail that request
+    alone, and the engine goes on."""
+    root, model, images = tiny
+    one = {"prompt": PROMPT1, "images": images[:1]}
+    batch = [dict(one, mm={"agile": {"keep": 8}}), dict(one, mm={"agile": {"keep": 32}}), one]
+    refused = [dict(one, mm={"agile": {"keep": 0}}),
+               dict(one, mm={"agile": {"method": "fps"}}),
+               dict(one, mm={"agile": {"tau_max": -1}}), dict(one, mm={"agile": 5})]
+    res = ok(*run_engine(root, "budgets", model, {"method": "adaptive", "keep": K},
+                         [batch, [one]], refused=refused))
+    full = len(disabled["rounds"][0]["requests"][0]["prompt_token_ids"])
+    lens = [len(r["prompt_token_ids"]) for r in res["rounds"][0]["requests"]]
+    assert [full - n for n in lens] == [N - 8, N - 32, N - K]
+    stats = res["rounds"][0]["model"]["stats"]
+    assert sorted(st["kept"] for st in stats) == sorted([8, 32, K])
+    assert len(res["rounds"][1]["requests"][0]["prompt_token_ids"]) == full - (N - K)
+    errors = res["refused"]
+    assert all(e is not None and "llava_agile" in e for e in errors), errors
+    assert "keep must be >= 1" in errors[0] and "not another method" in errors[1]
+    assert "tau_max must be >= 0" in errors[2] and "must be a dict" in errors[3]

@@ -189,3 +189,18 @@ def test_repeated_request_hits_prefix_and_encoder_caches(pruned, reference):
 
 def test_image_embeds_refused(pruned):
     assert "llava_agile: precomputed image_embeds cannot be pruned" in pruned["embeds_error"]
+
+
+def test_a_budget_per_request(tiny, disabled):
+    """mm_processor_kwargs {"agile": {"keep": k}} on LLaVA-NeXT: each request's image gets k
+    cells (plus its newlines), as the model keeps."""
+    root, model_dir, images = tiny
+    _, cfg = _info(model_dir, None)
+    one = {"prompt": PROMPT1, "images": images[:1]}
+    res = ok(*run_engine(root, "budgets", model_dir, dict(GLOBAL, keep=K),
+                         [[dict(one, mm={"agile": {"keep": 5}}), one]]))
+    full = len(disabled["rounds"][0]["requests"][0]["prompt_token_ids"])
+    lens = [len(r["prompt_token_ids"]) for r in res["rounds"][0]["requests"]]
+    cells = _cells(cfg, *SIZES[0])
+    assert [full - n for n in lens] == [cells - 5, cells - K]
+    assert sorted(st["kept"] for st in res["rounds"][0]["model"]["stats"]) == sorted([5, K])

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -49,7 +50,7 @@ def server(tmp_path_factory):
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
            "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
            "--max-model-len", "2048", "--block-size", "32", "--max-num-seqs", "2",
-           "--served-model-name", "tiny", "--hf-overrides",
+           "--served-model-name", "tiny", "--trust-request-mm-kwargs", "--hf-overrides",
            json.dumps({"agile": {"method": "adaptive", "keep": K}})]
     log = open(root / "server.log", "w+")
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -75,31 +76,63 @@ def server(tmp_path_factory):
         log.close()
 
 
-def test_chat_with_base64_image_reports_pruned_prompt_tokens(server):
+def _messages():
     from PIL import Image
-    from transformers import AutoProcessor
 
-    base, model, proc, log = server
     buf = io.BytesIO()
     rng = np.random.default_rng(1)
     Image.fromarray(rng.integers(0, 256, (180, 260, 3), dtype=np.uint8)).save(buf, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                             {"type": "text", "text": "What is in this image?"}]}]
-    out = _post(base + "/v1/chat/completions", {"model": "tiny", "messages": messages,
-                                                  "max_tokens": 4, "temperature": 0.0})
-    assert out["choices"][0]["message"]["content"] is not None
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": "What is in this image?"}]}]
+
+
+def _text_tokens(model) -> int:
+    from transformers import AutoProcessor
+
     processor = AutoProcessor.from_pretrained(model)
     text = processor.apply_chat_template([{"role": "user", "content": [
         {"type": "image"}, {"type": "text", "text": "What is in this image?"}]}],
         add_generation_prompt=True)
     # vLLM's chat endpoint tokenizes the rendered template without adding special tokens
-    n_text = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) - 1  # no <image>
+    return len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) - 1  # no <image>
+
+
+def test_chat_with_base64_image_reports_pruned_prompt_tokens(server):
+    base, model, proc, log = server
+    out = _post(base + "/v1/chat/completions", {"model": "tiny", "messages": _messages(),
+                                                  "max_tokens": 4, "temperature": 0.0})
+    assert out["choices"][0]["message"]["content"] is not None
+    n_text = _text_tokens(model)
     assert out["usage"]["prompt_tokens"] == n_text + K
     metrics = _get(base + "/metrics")[1]
     counted = [float(line.split()[-1]) for line in metrics.splitlines()
                if line.startswith("vllm:prompt_tokens_total")]
     assert counted == [n_text + K]
+
+
+def test_a_budget_per_request_on_the_server(server):
+    """Two concurrent requests with other budgets (`"mm_processor_kwargs": {"agile": {"keep":
+    k}}`, the server started with --trust-request-mm-kwargs) report text + k prompt tokens; a bad
+    value is an HTTP 400 for that request, and the server serves on."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    base, model, proc, log = server
+    n_text = _text_tokens(model)
+
+    def ask(keep):
+        return _post(base + "/v1/chat/completions", {
+            "model": "tiny", "messages": _messages(), "max_tokens": 2, "temperature": 0.0,
+            "mm_processor_kwargs": {"agile": {"keep": keep}}})
+
+    with ThreadPoolExecutor(2) as pool:
+        small, large = pool.map(ask, [4, 48])
+    assert [small["usage"]["prompt_tokens"], large["usage"]["prompt_tokens"]] == \
+        [n_text + 4, n_text + 48]
+    with pytest.raises(urllib.error.HTTPError) as err:
+        ask(0)
+    assert err.value.code == 400 and "keep must be >= 1" in err.value.read().decode()
+    assert ask(8)["usage"]["prompt_tokens"] == n_text + 8
 
 
 def test_server_shuts_down_cleanly(server):
