@@ -83,10 +83,13 @@ def tiny_model(seed=0):
         image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VSTART,
         vision_end_token_id=VEND)
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
-    # the vision blocks' q and k 16x larger: at init (std 0.02) every patch receives nearly the
-    # same attention (neighbours in the score order differ by as little as 1e-6 relative: near
-    # ties that round-off decides); peaked, by > 4e-3 (decided.adaptive checks the margins)
+    return sharpen(Qwen2_5_VLForConditionalGeneration(cfg).eval())
+
+
+def sharpen(model):
+    """The vision blocks' q and k 16x larger: at init (std 0.02) every patch receives nearly the
+    same attention (neighbours in the score order differ by as little as 1e-6 relative: near
+    ties that round-off decides); peaked, by > 4e-3 (decided.adaptive checks the margins)."""
     with torch.no_grad():
         for block in model.model.visual.blocks:
             qk = 2 * block.attn.qkv.in_features  # the q and k rows of the fused projection

@@ -14,7 +14,8 @@ import torch
 import transformers
 
 import llava_agile
-from test_hf_qwen import IMAGE, PROMPT, VEND, VIDEO, VSTART, images, tiny_tokenizer  # noqa: E402
+from test_hf_qwen import (IMAGE, PROMPT, VEND, VIDEO, VSTART, images, sharpen,  # noqa: E402
+                          tiny_tokenizer)
 
 V5 = int(re.match(r"(\d+)", transformers.__version__).group(1)) >= 5
 pytestmark = pytest.mark.skipif(not V5, reason="Qwen3-VL pruning supports transformers 5.x only")
@@ -56,13 +57,7 @@ def tiny_model(seed=0):
         image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VSTART,
         vision_end_token_id=VEND)
     torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # peaked vision attention, as for the tiny Qwen2.5-VL
-        for block in model.model.visual.blocks:
-            qk = 2 * block.attn.qkv.in_features
-            block.attn.qkv.weight[:qk] *= 16
-            block.attn.qkv.bias[:qk] *= 16
-    return model
+    return sharpen(Qwen3VLForConditionalGeneration(cfg).eval())
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +127,8 @@ def test_pruned_prefill_deepstack_and_positions_follow_the_kept_tokens(tiny):
         torch.testing.assert_close(pruned, whole[rows], rtol=1e-6, atol=1e-6)
     for b in range(2):
         fm, gm = full["visual_pos_masks"][b], got["visual_pos_masks"][b]
-        torch.testing.assert_close(got["inputs_embeds"][b][gm], full["inputs_embeds"][b][fm][kept[b]],
-                                   rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got["inputs_embeds"][b][gm],
+                                   full["inputs_embeds"][b][fm][kept[b]], rtol=1e-6, atol=1e-6)
         fp, gp = full["position_ids"][-3:, b], got["position_ids"][-3:, b]
         assert torch.equal(gp[:, gm], fp[:, fm][:, kept[b]])  # the kept tokens' own positions
         fv, gv = full_batch["attention_mask"][b].bool(), batch["attention_mask"][b].bool()
