@@ -239,3 +239,15 @@ def test_question_method_reads_each_request(env, reference):
     records = agile_stats(out)["samples"]
     assert {r["task"] for r in records} == {"tiny_agile_gen", "tiny_agile_mc"}
     assert all(r["questions"] == [QUESTION] * r["images"] for r in records)
+
+
+def test_llava_next_question_method(env, reference):
+    """LLaVA-NeXT with CDPruner (`global` mode, K cells + newlines per image) through
+    `--model llava_hf_agile`: every image is pruned and gets its request's question."""
+    text_tower = reference["llava_next"]["text_tower"]
+    out, _ = run(env, "out-next-cdpruner", f"pruning=cdpruner,keep={KEEP},pruning_args="
+                                           f"\"anyres_mode=global;text_tower={text_tower}\"",
+                 family="llava_next", tasks="tiny_agile_gen")
+    records = agile_stats(out)["samples"]
+    assert len(records) == env["docs"]
+    assert all(r["questions"] == [QUESTION] and r["kept"] == [KEEP] for r in records)
