@@ -4,7 +4,8 @@
 #   build   build llava_agile._C with its CUDA kernels against the machine's torch
 #   tests   pytest tests/test_ext_cuda.py (the CUDA parity tests)
 #   e2e     python bench/e2e.py --json $OUT/e2e.json
-#   select  python bench/bench_select.py --device cuda (JSON to $OUT/select.json)
+#   select  python bench/bench_select.py --device cuda (JSON to $OUT/select.json), then its
+#           --baselines (cdpruner, trim, holov, prumerge_plus; $OUT/select_baselines.json)
 #   parity  pytest tests/test_ext_parity.py (CPU parity, which CI runs too: last, if time is left)
 # Each step has its own time limit (and all of them share --budget seconds), its log goes to
 # $OUT/setup.log (wheels, build), tests.log (tests, parity), e2e.log or select.log (at most 8
@@ -116,7 +117,11 @@ do_select() {
     "$PY" bench/bench_select.py --help 2>/dev/null | grep -q -- '--json' && flag=--json
     [ "$CPU" = 1 ] && dev="cpu --quick"
     # shellcheck disable=SC2086
-    "$PY" bench/bench_select.py --device $dev $flag "$OUT/select.json" $SELECT_ARGS
+    "$PY" bench/bench_select.py --device $dev $flag "$OUT/select.json" $SELECT_ARGS || return 1
+    "$PY" bench/bench_select.py --help 2>/dev/null | grep -q -- '--baselines' || return 0
+    # shellcheck disable=SC2086
+    "$PY" bench/bench_select.py --device ${dev%% *} --baselines --dims 4096 --keeps 64 192 \
+        --repeat 5 $flag "$OUT/select_baselines.json"
 }
 export -f do_wheels ext_ready do_build run_pytest do_tests do_e2e do_select do_parity
 
