@@ -59,22 +59,24 @@ def batch_relevance(params: dict, attn: torch.Tensor) -> list[dict]:
 
 @torch.no_grad()
 def greedy_map(kernel: torch.Tensor, k: int) -> tuple[list[int], int]:
-    """Fast greedy MAP inference on `[N, N]`: (picks in order, how many had a positive gain)."""
+    """Fast greedy MAP inference on `[N, N]`: (picks in order, how many had a gain above
+    round-off). The K steps run without a host sync (the index stays a tensor; a GPU queues
+    them all); the steps after the first spent one are then dropped."""
     n = kernel.shape[0]
     cis = torch.zeros(k, n, dtype=kernel.dtype, device=kernel.device)
     di2s = torch.diagonal(kernel).clone()
-    floor = float(di2s.max()) * EXHAUSTED[kernel.dtype]
-    picks: list[int] = []
+    floor = di2s.max() * EXHAUSTED[kernel.dtype]
+    picks = torch.empty(k, dtype=torch.long, device=kernel.device)
+    gains = torch.empty(k, dtype=kernel.dtype, device=kernel.device)
     for i in range(k):
-        j = int(torch.argmax(di2s))
-        if not di2s[j] > floor:
-            break
-        picks.append(j)
-        eis = (kernel[j] - cis[:i, j] @ cis[:i]) / torch.sqrt(di2s[j])
+        j = torch.argmax(di2s)
+        picks[i], gains[i] = j, di2s[j]
+        eis = (kernel[j] - cis[:i, j] @ cis[:i]) / torch.sqrt(di2s[j].clamp_min(floor))
         cis[i] = eis
         di2s -= eis * eis
         di2s[j] = float("-inf")
-    return picks, len(picks)
+    steps = int((gains > floor).cumprod(0).sum())  # up to the first spent step
+    return picks[:steps].tolist(), steps
 
 
 def cdpruner(x: torch.Tensor, a: torch.Tensor, k: int, relevance: torch.Tensor | None = None,
