@@ -33,9 +33,9 @@ def select(cfg, space, attn, clip, keep: int, keys=None, cls=None, text=None):
         params["image_embeds"], params["text_embeds"] = text[0].to(space.device), list(text[1])
     if "similarity_features" in REGISTRY[cfg.method][1]:
         params["similarity_features"] = clip
-    if needs_keys(cfg.method):  # visionzip: the select layer's keys, from the hook
+    if needs_keys(cfg.method):  # visionzip / prumerge_plus: keys recorded by the hook
         if keys is None:
-            raise ValueError(f"method {cfg.method!r} needs the select layer's keys; this "
+            raise ValueError(f"method {cfg.method!r} needs the vision tower's keys; this "
                              f"integration does not record them (use llava_agile.enable)")
         params["keys"] = keys.to(space.device)
     if "cls_token" in REGISTRY[cfg.method][1] and cls is not None:
@@ -53,7 +53,8 @@ def select(cfg, space, attn, clip, keep: int, keys=None, cls=None, text=None):
 
 
 def needs_keys(method: str) -> bool:
-    """Does `method` take the select layer's keys (recorded by the [CLS] hook)?"""
+    """Does `method` take keys recorded by the [CLS] hook (visionzip: the select layer's,
+    prumerge_plus: the next block's; `llava.attention.hook_for` sets which)?"""
     return "keys" in REGISTRY[method][1]
 
 

@@ -83,3 +83,15 @@ def test_trim_takes_one_text_row():
     with pytest.raises(ValueError, match=r"trim takes one text embedding per image"):
         prune(torch.randn(12, 16), torch.rand(12), 4, "trim", image_embeds=torch.randn(12, 8),
               text_embeds=torch.randn(2, 8))
+
+
+@pytest.mark.parametrize("method", ["cdpruner", "trim"])
+def test_one_text_in_a_list_serves_every_image(method):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 12, 16, generator=g, dtype=torch.float64)
+    image = torch.randn(3, 12, 8, generator=g, dtype=torch.float64)
+    text = torch.randn(1, 8, generator=g, dtype=torch.float64)
+    a = torch.ones(3, 12, dtype=torch.float64)
+    one = prune(x, a, 4, method, image_embeds=image, text_embeds=[text])
+    every = prune(x, a, 4, method, image_embeds=image, text_embeds=text)
+    assert torch.equal(one.features, every.features)

@@ -8,9 +8,9 @@ from .basic import attention, none, random
 from .cdpruner import batch_relevance, cdpruner
 from .diversity import diversity, fps
 from .holov import holov
+from .hybrids import bat, mix, vispruner
 from .prumerge import batch_counts, prumerge_plus
 from .trim import batch_scores, trim
-from .hybrids import bat, mix, vispruner
 from .visionzip import visionzip
 
 _RATIO = dict(ratio=0.5, ratio_rule="fixed", ratio_slope=0.5, ratio_min=0.0, ratio_max=1.0,
@@ -36,7 +36,13 @@ REGISTRY = {
     "none": (none, {}),
 }
 METHODS = tuple(REGISTRY)
-# the step that sees the whole batch (what couples images): params, B -> per-image arguments
+# methods that return features, not indices -> why (error messages say "method 'x' <why>, ...")
+MERGING = {"bat": "merges tokens", "visionzip": "merges tokens",
+           "holov": "returns rows (chunk order, zero rows included)",
+           "trim": "merges tokens (the mean of the dropped ones)",
+           "prumerge_plus": "merges tokens"}
+# the step that sees the whole batch (what couples images): (params, attn [B, N]) -> per-image
+# arguments, popping the batch-level ones
 BATCH_STEPS = {"cdpruner": batch_relevance, "trim": batch_scores, "prumerge_plus": batch_counts}
 # methods conditioned on the question -> text rows each takes per image (None: any number)
 TEXT = {"cdpruner": None, "trim": 1}
@@ -47,8 +53,3 @@ VISION_SPACE = ("visionzip", "trim", "prumerge_plus")  # official: merge the CLI
 def variable_count(method: str, params: dict) -> bool:
     """Does the number of tokens per image depend on the image (not only on `keep`)?"""
     return bool(params.get("adaptive_count")) or params.get("count") == "iqr"  # trim, prumerge+
-# methods that return features, not indices -> why (error messages say "method 'x' <why>, ...")
-MERGING = {"bat": "merges tokens", "visionzip": "merges tokens",
-           "holov": "returns rows (chunk order, zero rows included)",
-           "trim": "merges tokens (the mean of the dropped ones)",
-           "prumerge_plus": "merges tokens"}

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..metrics import compute_dtype
-from .common import NORM_FLOOR, attention_order
+from .common import NORM_FLOOR, attention_order, question_embeds
 
 # a residual gain at or below this share of the largest diagonal is round-off: the kernel's
 # rank is spent (the official goes on, into NaN once a gain turns negative)
@@ -48,13 +48,9 @@ def relevance(image_embeds: torch.Tensor, text_embeds: list, scope: str = "batch
 
 def batch_relevance(params: dict, attn: torch.Tensor) -> list[dict]:
     """The batch step (what couples images): per-image `relevance`; pops the embeddings."""
-    image_embeds, text = params.pop("image_embeds"), params.pop("text_embeds")
-    image_embeds = image_embeds if image_embeds.dim() == 3 else image_embeds[None]
-    n_images = attn.shape[0]
-    texts = [text] * n_images if isinstance(text, torch.Tensor) and text.dim() == 2 \
-        else list(text)
+    image_embeds, texts = question_embeds(params, attn.shape[0])
     r = relevance(image_embeds, texts, params.pop("scope"))
-    return [{"relevance": r[b]} for b in range(n_images)]
+    return [{"relevance": row} for row in r]
 
 
 @torch.no_grad()

@@ -72,3 +72,12 @@ def iqr_counts(values: torch.Tensor, scope: str) -> list[int]:
     if scope == "batch":
         return [int(n * (iqr_outliers(values) / values.numel()))] * b
     return [iqr_outliers(values[i]) for i in range(b)]
+
+
+def question_embeds(params: dict, n_images: int) -> tuple[torch.Tensor, list]:
+    """Pops cdpruner / trim's `image_embeds` (-> `[B, N, E]`) and `text_embeds` (-> one
+    `[M, E]` per image: one tensor given for every image, or one each)."""
+    image, text = params.pop("image_embeds"), params.pop("text_embeds")
+    texts = [text] if isinstance(text, torch.Tensor) and text.dim() == 2 else list(text)
+    return (image if image.dim() == 3 else image[None]), \
+        texts * n_images if len(texts) == 1 else texts

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..metrics import compute_dtype
-from .common import attention_order, iqr_counts
+from .common import attention_order, iqr_counts, question_embeds
 
 
 def scores(image_embeds: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -30,11 +30,8 @@ def scores(image_embeds: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
 def batch_scores(params: dict, attn: torch.Tensor) -> list[dict]:
     """The batch step: per-image `scores` and, with `count="iqr"`, the kept count `n` (over the
     whole batch with `scope="batch"`: the same for every image). Pops the embeddings."""
-    image, text = params.pop("image_embeds"), params.pop("text_embeds")
-    image = image if image.dim() == 3 else image[None]
+    image, texts = question_embeds(params, attn.shape[0])
     n_images = attn.shape[0]
-    texts = [text] * n_images if isinstance(text, torch.Tensor) and text.dim() == 2 \
-        else list(text)
     s = torch.stack([scores(image[b], texts[b][0]) for b in range(n_images)])
     count, scope = params.pop("count"), params.pop("scope")
     if count == "fixed":
