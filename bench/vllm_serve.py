@@ -3,7 +3,7 @@
 The same requests (random images of mixed sizes and prompts, fixed seed) go through an offline
 vLLM engine twice, each in its own process: stock (no `agile` override) and pruned
 (`hf_overrides={"agile": {"method": ..., "keep": K}}`, plus `"anyres_mode": "global"` for
-LLaVA-NeXT, the one mode vLLM allows). Reported per run and as pruned/stock
+LLaVA-NeXT, the one mode vLLM allows; Qwen2.5-VL / Qwen3-VL take the override as it is). Reported per run and as pruned/stock
 ratios: requests/s (all requests submitted at once, wall time of `LLM.generate`), time to first
 token percentiles (p50/p90/p99 from vLLM's per-request metrics), prompt tokens
 (`vllm:prompt_tokens`, which also counts the one warm-up request) and KV-cache tokens held per request (prompt + generated: what the
@@ -11,6 +11,9 @@ paged KV cache stores). Prefix caching is off (every image differs anyway).
 
     .venv-vllm/bin/python bench/vllm_serve.py                      # tiny random LLaVA, CPU
     .venv-vllm/bin/python bench/vllm_serve.py --next               # tiny random LLaVA-NeXT
+    .venv-vllm/bin/python bench/vllm_serve.py --qwen qwen2_5_vl    # tiny random Qwen2.5-VL
+    .venv-vllm/bin/python bench/vllm_serve.py --qwen qwen3_vl      # tiny random Qwen3-VL
+    python bench/vllm_serve.py --model Qwen/Qwen2.5-VL-7B-Instruct --requests 200 --dtype bfloat16
     python bench/vllm_serve.py --model llava-hf/llava-1.5-7b-hf --requests 200 --dtype bfloat16
 """
 from __future__ import annotations
@@ -64,9 +67,13 @@ def _pct(xs, q):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", help="llava-hf checkpoint (default: a tiny random one)")
+    ap.add_argument("--model", help="llava-hf or Qwen2.5-VL / Qwen3-VL checkpoint (default: a "
+                    "tiny random one)")
     ap.add_argument("--next", action="store_true",
                     help="LLaVA-NeXT: the tiny checkpoint is one, anyres_mode 'global'")
+    ap.add_argument("--qwen", choices=("qwen2_5_vl", "qwen3_vl"),
+                    help="the tiny checkpoint is this Qwen family (up to 1024 merged tokens "
+                    "per image)")
     ap.add_argument("--method", default="adaptive")
     ap.add_argument("--keep", type=int, default=64)
     ap.add_argument("--requests", type=int, default=16)
@@ -82,16 +89,25 @@ def main() -> None:
         return child(*a.child)
     tmp = tempfile.mkdtemp(prefix="vllm_serve_")
     model = a.model
-    if model is None:
-        sys.path.insert(0, ROOT)
+    sys.path.insert(0, ROOT)
+    if model is None and a.qwen:
+        from llava_agile.vllm.tiny import build_tiny_qwen
+        model = build_tiny_qwen(os.path.join(tmp, "tiny-qwen"), family=a.qwen, max_tokens=1024)
+    elif model is None:
         from llava_agile.vllm.tiny import build_tiny_hf_llava
         model = build_tiny_hf_llava(os.path.join(tmp, "tiny-llava-hf"), image_size=336,
                                     next=a.next)
-    system = ("A chat between a curious user and an artificial intelligence assistant. The "
-              "assistant gives helpful, detailed, and polite answers to the user's questions. ")
-    prompts = [system + f"USER: <image>\n{q} ASSISTANT:" for q in
-               ("What is in this image?", "Describe the picture.", "How many people are there?",
-                "What color is the sky? Answer with a single word.")]
+    from transformers import AutoConfig
+    qwen = AutoConfig.from_pretrained(model).model_type in ("qwen2_5_vl", "qwen3_vl")
+    questions = ("What is in this image?", "Describe the picture.", "How many people are there?",
+                 "What color is the sky? Answer with a single word.")
+    if qwen:  # Qwen's chat format
+        prompts = ["<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
+                   f"{q}<|im_end|>\n<|im_start|>assistant\n" for q in questions]
+    else:
+        system = ("A chat between a curious user and an artificial intelligence assistant. The "
+                  "assistant gives helpful, detailed, and polite answers to the user's questions. ")
+        prompts = [system + f"USER: <image>\n{q} ASSISTANT:" for q in questions]
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
                TOKENIZERS_PARALLELISM="false")
     runs = {}
@@ -115,7 +131,8 @@ def main() -> None:
                       "kv_tokens_per_request": sum(r["kv_tokens"]) / len(r["kv_tokens"])}
     ratio = {k: runs["pruned"][k] / runs["stock"][k] for k in runs["stock"]
              if runs["stock"][k]}
-    tiny = f"tiny random {'llava-next' if a.next else 'llava'}-hf (336 px, N=576 per crop)"
+    tiny = (f"tiny random {a.qwen} (up to 1024 merged tokens per image)" if a.qwen else
+            f"tiny random {'llava-next' if a.next else 'llava'}-hf (336 px, N=576 per crop)")
     result = {"model": a.model or tiny, "agile": pruned, "requests": a.requests,
               "max_tokens": a.max_tokens, "dtype": a.dtype, "compiled": a.compiled,
               "runs": runs, "pruned_over_stock": ratio}

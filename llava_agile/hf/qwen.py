@@ -40,11 +40,9 @@ import warnings
 
 import torch
 
-from .. import inllm
+from .. import inllm, qwenvl
 from ..llava.runtime import as_config
 from ..methods import MERGING, TEXT
-from ..metrics import compute_dtype
-from ..selection import select
 from . import llm
 from .processor import check_identity, refuse_mismatch
 
@@ -87,25 +85,16 @@ def check_transformers(version: str | None = None) -> None:
 # ---------------------------------------------------------------- scores
 
 def received_mean(attn, hidden, cu_seqlens, position_embeddings, chunk: int = 512):
-    """Mean softmax attention each token receives, over heads and over the queries of its own
-    `cu_seqlens` segment, from the block's own q / k with its rotary embedding: `[seq]` (the
-    ViT's window order; float32, or float64 for a float64 tower)."""
+    """`qwenvl.received_mean` of transformers' vision attention `attn` on its input `hidden`:
+    the block's own q / k with its rotary embedding (transformers' own helper): `[seq]` (the
+    ViT's window order)."""
     mod = sys.modules[type(attn).__module__]  # transformers' own rotary helper for this class
     n = hidden.shape[0]
     q, k, _ = attn.qkv(hidden).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     cos, sin = position_embeddings
     q, k = mod.apply_rotary_pos_emb_vision(q, k, cos, sin)
-    dtype = compute_dtype(hidden)
-    q, k = q.transpose(0, 1).to(dtype), k.transpose(0, 1).to(dtype)  # [heads, seq, d]
-    out = torch.zeros(n, dtype=dtype, device=hidden.device)
-    bounds = cu_seqlens.tolist()
-    for s, e in zip(bounds[:-1], bounds[1:]):
-        ks = k[:, s:e].transpose(1, 2)
-        for c in range(s, e, chunk):  # chunks of queries: memory heads * chunk * L
-            p = torch.softmax(q[:, c:min(c + chunk, e)] @ ks * attn.scaling, dim=-1)
-            out[s:e] += p.sum((0, 1))
-        out[s:e] /= q.shape[0] * (e - s)
-    return out
+    return qwenvl.received_mean(q.transpose(0, 1), k.transpose(0, 1), cu_seqlens, attn.scaling,
+                                chunk)
 
 
 class _Hook:
@@ -180,7 +169,7 @@ def _encode(state, orig, pixel_values, grid, kwargs):
         raise RuntimeError(f"expected one call of vision block {state.layer}'s attention, got "
                            f"{len(state.hook.rows)}")
     unit = visual.spatial_merge_size ** 2
-    scores = state.hook.rows[0].view(-1, unit).mean(1)                   # merged tokens
+    scores = qwenvl.merged_scores(state.hook.rows[0], unit)              # merged tokens
     hidden = out.last_hidden_state
     vision = hidden.reshape(-1, unit * hidden.shape[-1])                 # the merger's input
     if hasattr(visual, "window_size"):  # Qwen2.5-VL: back from the window order to raster
@@ -189,21 +178,13 @@ def _encode(state, orig, pixel_values, grid, kwargs):
         back = torch.argsort(window.to(grid.device))
         scores, vision = scores[back], vision[back]
     sizes = [int(f.shape[0]) for f in out.pooler_output]
-    feats, stats, kept = [], [], []
-    for proj, a, v in zip(out.pooler_output, scores.split(sizes), vision.split(sizes)):
-        n = int(proj.shape[0])
-        if cfg.keep > n and cfg.method != "none" and not state.warned:
-            state.warned = True
-            warnings.warn(f"keep={cfg.keep} is larger than the image's {n} visual tokens: every "
-                          f"token is kept; pass keep <= {n} to prune", stacklevel=4)
-        a = a / a.sum()
-        space = v if cfg.feature_space == "vision" else proj
-        res, ms = select(cfg, space[None], a[None], v[None], cfg.keep)
-        idx = res.indices[0].sort().values
-        st = dict(res.stats[0], prune_ms=ms, indices=idx.tolist(), tokens=int(idx.numel()))
-        feats.append(proj[idx.to(proj.device)])
-        stats.append(st)
-        kept.append(idx)
+    small = qwenvl.too_few(cfg, sizes)
+    if small is not None and not state.warned:
+        state.warned = True
+        warnings.warn(f"keep={cfg.keep} is larger than the image's {small} visual tokens: every "
+                      f"token is kept; pass keep <= {small} to prune", stacklevel=4)
+    feats, stats, kept = qwenvl.select_images(cfg, out.pooler_output, scores.split(sizes),
+                                              vision.split(sizes))
     state.scores, state.full = list(scores.split(sizes)), list(out.pooler_output)
     state.kept, state.full_lengths = kept, sizes
     state.owner.agile_stats = stats

@@ -46,6 +46,12 @@ KEY = "agile"  # the model-config entry: hf_overrides={"agile": {...}}
 
 def agile_config(hf_config) -> PruneConfig | None:
     """The validated PruneConfig of `hf_config.agile`, or None (plugin off for this model)."""
+    cfg = parse_config(hf_config)
+    return None if cfg is None else _check(cfg, hf_config)
+
+
+def parse_config(hf_config) -> PruneConfig | None:
+    """`hf_config.agile` as a PruneConfig (None: absent), checked by `check_engine` only."""
     raw = getattr(hf_config, KEY, None)
     if raw is None:
         return None
@@ -60,7 +66,7 @@ def agile_config(hf_config) -> PruneConfig | None:
     else:
         raise ValueError(f"llava_agile: hf_overrides '{KEY}' must be a dict such as "
                          f"{{\"method\": \"adaptive\", \"keep\": 64}}, got {type(raw).__name__}")
-    return _check(cfg, hf_config)
+    return check_engine(cfg)
 
 
 def request_config(engine: PruneConfig | None, mm_kwargs: Mapping) -> PruneConfig | None:
@@ -95,8 +101,8 @@ def request_config(engine: PruneConfig | None, mm_kwargs: Mapping) -> PruneConfi
     return cfg
 
 
-def _check(cfg: PruneConfig, hf_config) -> PruneConfig:
-    """What vLLM cannot hold: ValueError with the reason."""
+def check_engine(cfg: PruneConfig) -> PruneConfig:
+    """What vLLM cannot hold, whatever the model: ValueError with the reason."""
     if cfg.method in INLLM_METHODS:
         raise ValueError(f"llava_agile: {cfg.method} prunes inside the LLM (fewer tokens from one "
                          f"decoder layer on), which vLLM's paged KV cache (one length per sequence "
@@ -113,6 +119,11 @@ def _check(cfg: PruneConfig, hf_config) -> PruneConfig:
                          "is not possible under vLLM, which fixes the number of image "
                          "placeholders before the vision tower runs; drop it (every image then "
                          "keeps exactly `keep` tokens)")
+    return cfg
+
+
+def _check(cfg: PruneConfig, hf_config) -> PruneConfig:
+    """What LLaVA's CLIP tower under vLLM cannot hold: ValueError with the reason."""
     if not isinstance(hf_config.vision_config, CLIPVisionConfig):
         raise ValueError(f"llava_agile: pruning needs a CLIP vision tower, this model has "
                          f"{type(hf_config.vision_config).__name__}; remove the '{KEY}' override")
@@ -168,20 +179,20 @@ class RefuseEmbeds:
         return super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
 
 
-class RequestBudget:
+class BudgetField:
     """Processor mixin, a budget per request: the request's `mm_processor_kwargs`
-    `{"agile": {"keep": K, ...}}` (`request_config`) sets its images' placeholder count (the
-    info's `agile_count`), and travels to the model as the per-image field `agile_keep` (every
-    image of a pruned engine carries one, the engine's K by default, so batches stay uniform).
-    vLLM hashes the kwargs into each image's multimodal hash: the same image under two budgets
-    shares no cache entry."""
+    `{"agile": {"keep": K, ...}}` (`request_config`) travels to the model as the per-image field
+    `agile_keep` (every image of a pruned engine carries one, the engine's K by default, so
+    batches stay uniform). vLLM hashes the kwargs into each image's multimodal hash: the same
+    image under two budgets shares no cache entry."""
 
-    def _call_hf_processor(self, hf_data, hf_kwargs):
+    def _apply_hf_processor_main(self, mm_items, hf_kwargs):
         cfg = request_config(self.info.agile_config(), hf_kwargs)
-        out = super()._call_hf_processor(hf_data, {k: v for k, v in hf_kwargs.items()
-                                                   if k != KEY})
-        if cfg is not None and "pixel_values" in out:
-            out["agile_keep"] = torch.full((len(out["pixel_values"]),), cfg.keep)
+        out = super()._apply_hf_processor_main(mm_items, {k: v for k, v in hf_kwargs.items()
+                                                          if k != KEY})
+        if cfg is not None and "pixel_values" in out:  # Qwen: pixel_values holds patches
+            images = out["image_grid_thw"] if "image_grid_thw" in out else out["pixel_values"]
+            out["agile_keep"] = torch.full((len(images),), cfg.keep)
         return out
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
@@ -189,6 +200,11 @@ class RequestBudget:
         if "agile_keep" in hf_inputs:
             fields["agile_keep"] = MultiModalFieldConfig.batched("image")
         return fields
+
+
+class RequestBudget(BudgetField):
+    """`BudgetField`, and the request's K sets its images' placeholder count (the info's
+    `agile_count`)."""
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
@@ -332,6 +348,9 @@ class AgileModel:
         self.agile_keeps = None if keep is None else [int(k) for k in keep]
         return super()._parse_and_validate_image_input(**kwargs)
 
+    def _is_embeds(self, image_input) -> bool:
+        return isinstance(image_input, self.embeds_input)
+
     def agile_budgets(self, cfg, n: int) -> list:
         """The config of each of this call's `n` images (the request budgets over `cfg`)."""
         keeps = self.agile_keeps or [cfg.keep] * n
@@ -342,7 +361,7 @@ class AgileModel:
         self.agile_encoder_calls += 1
         if self.agile_config is None:
             return super()._process_image_input(image_input)
-        if isinstance(image_input, self.embeds_input):
+        if self._is_embeds(image_input):
             raise ValueError(EMBEDS_REFUSED)
         out, self.agile_stats = self._agile_tokens(self.agile_config, image_input)
         return out

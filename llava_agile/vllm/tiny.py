@@ -112,3 +112,88 @@ def _hf_name(key: str) -> str:
         if key.startswith(new):
             return old + key[len(new):]
     raise ValueError(f"unexpected LLaVA weight name {key!r}")
+
+
+QWEN_WORDS = ["describe", "the", "image", "what", "is", "in", "this", "picture", "a", "cat",
+              "and", "dog", "please"]
+QWEN_TOKENS = {"<|vision_start|>": 118, "<|vision_end|>": 119, "<|image_pad|>": 120,
+               "<|video_pad|>": 121}
+
+
+@torch.no_grad()
+def build_tiny_qwen(out_dir: str, seed: int = 0, family: str = "qwen2_5_vl",
+                    max_tokens: int = 64) -> str:
+    """A tiny random Qwen2.5-VL (`family="qwen2_5_vl"`) or Qwen3-VL (`"qwen3_vl"`) checkpoint
+    with its processor and a word-level tokenizer, written into `out_dir`; returns it. Pixels
+    between 1 and `max_tokens` merge groups, so 112x112 (Qwen2.5-VL's 14-px patches) or 128x128 (Qwen3-VL's
+    16-px ones) give 16 merged tokens. Vision: 4 blocks with q / k made 16x larger, so that the
+    received attention is peaked (at init every patch receives nearly the same); Qwen2.5-VL: full
+    attention in blocks 1 and 3, windows of 2x2 merged tokens in 0 and 2; Qwen3-VL: deepstack
+    levels from blocks 0 and 1. LLM: 2 layers, head_dim 32 (vLLM's CPU attention needs >= 32),
+    M-RoPE sections [4, 6, 6] (interleaved on Qwen3-VL)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessor
+
+    os.makedirs(out_dir, exist_ok=True)
+    vocab = {"<pad>": 0, "<unk>": 1, "<eos>": 2, **{w: i + 3 for i, w in enumerate(QWEN_WORDS)},
+             **QWEN_TOKENS}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+                                   eos_token="<eos>", model_max_length=4096,
+                                   additional_special_tokens=list(QWEN_TOKENS))
+    ids = {name: fast.convert_tokens_to_ids(name) for name in QWEN_TOKENS}
+    text = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096,
+                bos_token_id=2, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    rope = dict(rope_type="default", rope_theta=10000.0, mrope_section=[4, 6, 6])
+    vision = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                  spatial_merge_size=2, temporal_patch_size=2)
+    tokens = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                  vision_start_token_id=ids["<|vision_start|>"],
+                  vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    if family == "qwen2_5_vl":
+        from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                                  Qwen2_5_VLProcessor)
+        from transformers.models.qwen2_vl.video_processing_qwen2_vl import \
+            Qwen2VLVideoProcessor as Video
+        patch, model_cls, processor_cls = 14, Qwen2_5_VLForConditionalGeneration, \
+            Qwen2_5_VLProcessor
+        cfg = Qwen2_5_VLConfig(vision_config=dict(vision, patch_size=patch, window_size=56,
+                                                  fullatt_block_indexes=[1, 3]),
+                               text_config=dict(text, rope_parameters=rope), **tokens)
+        cfg.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    elif family == "qwen3_vl":
+        from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import \
+            Qwen3VLVideoProcessor as Video
+        patch, model_cls, processor_cls = 16, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+        cfg = Qwen3VLConfig(vision_config=dict(vision, patch_size=patch,
+                                               num_position_embeddings=64,
+                                               deepstack_visual_indexes=[0, 1]),
+                            text_config=dict(text, head_dim=32,
+                                             rope_parameters=dict(rope, mrope_interleaved=True)),
+                            **tokens)
+        cfg.architectures = ["Qwen3VLForConditionalGeneration"]
+    else:
+        raise ValueError(f"family={family!r}: expected 'qwen2_5_vl' or 'qwen3_vl'")
+    torch.manual_seed(seed)
+    model = model_cls(cfg).eval()
+    for block in model.model.visual.blocks:
+        qk = 2 * block.attn.qkv.in_features  # the q and k rows of the fused projection
+        block.attn.qkv.weight[:qk] *= 16
+        block.attn.qkv.bias[:qk] *= 16
+    model.save_pretrained(out_dir)
+    unit = (2 * patch) ** 2
+    pixels = dict(patch_size=patch, merge_size=2, min_pixels=unit, max_pixels=unit * max_tokens)
+    processor_cls(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=fast,
+                  video_processor=Video(**pixels),
+                  chat_template=QWEN_CHAT_TEMPLATE).save_pretrained(out_dir)
+    return out_dir
+
+
+QWEN_CHAT_TEMPLATE = ("{% for m in messages %}{% if m['content'] is string %}{{ m['content'] }}"
+                      "{% else %}{% for c in m['content'] %}{% if c['type'] in ('image', "
+                      "'image_url') %}<|vision_start|> <|image_pad|> <|vision_end|> {% elif "
+                      "c['type'] == 'text' %}{{ c['text'] }} {% endif %}{% endfor %}{% endif %}"
+                      "{% endfor %}")

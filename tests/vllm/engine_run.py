@@ -3,12 +3,14 @@
     python engine_run.py SPEC.json OUT.json
 
 SPEC: {"model": dir, "agile": {...} | null, "rounds": [[{"prompt": str, "images": [png]}, ...]],
-"max_tokens": int, "embeds": prompt | absent, "record": bool | absent}. Each round is one
+"max_tokens": int, "embeds": prompt | absent, "video": prompt | absent, "record": bool | absent,
+"positions": bool | absent}. Each round is one
 `LLM.generate` call (a batch); OUT holds per request the prompt/output token ids and cached-token
 count, the model's `agile_stats` and encoder-call count after each round, and the
 `vllm:prompt_tokens` counter. With "record", OUT["selection"] holds what every
 `llava_agile.selection.prune` call of the first round got and kept (features, attention row,
-indices): the tests compare them with a float64 reference and its decision margins.
+indices): the tests compare them with a float64 reference and its decision margins. With
+"positions", each round's OUT entry holds the positions of its first LLM forward (its prefill).
 """
 import json
 import os
@@ -46,6 +48,26 @@ def _record(model):
     selection.prune = spy
 
 
+def _record_positions(model):
+    """Records the `positions` of every LLM forward, as its first decoder layer's attention gets
+    them (vLLM calls its compilable modules through `forward`, bypassing their own hooks; the
+    attention module is not one)."""
+    seen = model.agile_test_positions = []
+
+    def hook(module, args, kwargs):
+        seen.append((args[0] if args else kwargs["positions"]).tolist())
+
+    attn = model.language_model.model.layers[0].self_attn
+    model.agile_test_hook = attn.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def _first_positions(model):
+    """The first recorded forward's positions since the last call (a round's prefill)."""
+    first = model.agile_test_positions[0]
+    model.agile_test_positions.clear()
+    return first
+
+
 def _recorded(model):
     import llava_agile.selection as selection
 
@@ -71,6 +93,8 @@ def main(spec_path, out_path):
     for n, batch in enumerate(spec["rounds"]):
         if record and n == 0:
             llm.apply_model(_record)
+        if spec.get("positions") and n == 0:
+            llm.apply_model(_record_positions)
         reqs = [{"prompt": r["prompt"],
                  "multi_modal_data": {"image": [Image.open(p).convert("RGB")
                                                 for p in r["images"]]},
@@ -82,7 +106,9 @@ def main(spec_path, out_path):
             "requests": [{"prompt_token_ids": list(r.prompt_token_ids),
                           "token_ids": list(r.outputs[0].token_ids),
                           "num_cached_tokens": r.num_cached_tokens} for r in res],
-            "model": llm.apply_model(_probe)[0]})
+            "model": llm.apply_model(_probe)[0],
+            **({"positions": llm.apply_model(_first_positions)[0]} if spec.get("positions")
+               else {})})
     out["refused"] = []  # requests expected to fail alone: their error, then a good one runs
     for r in spec.get("refused", []):
         try:
@@ -93,6 +119,15 @@ def main(spec_path, out_path):
             out["refused"].append(None)
         except Exception as e:  # noqa: BLE001 - the message is what the test checks
             out["refused"].append(f"{type(e).__name__}: {e}")
+    if spec.get("video"):  # a video request: must be refused under the plugin
+        import numpy as np
+        try:
+            llm.generate([{"prompt": spec["video"],
+                           "multi_modal_data": {"video": np.zeros((4, 56, 56, 3), np.uint8)}}],
+                         params, use_tqdm=False)
+            out["video_error"] = None
+        except Exception as e:  # noqa: BLE001 - the message is what the test checks
+            out["video_error"] = f"{type(e).__name__}: {e}"
     if spec.get("embeds"):  # a precomputed image_embeds input: must be refused under the plugin
         import torch
         try:

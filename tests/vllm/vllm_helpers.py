@@ -20,12 +20,14 @@ PROMPT2 = SYSTEM + "USER: <image>\n<image>\nDescribe the picture please. ASSISTA
 
 
 def run_engine(tmp: Path, name: str, model: str, agile, rounds, plugins=None, timeout=900,
-               embeds=None, record=False, refused=()):
+               embeds=None, record=False, refused=(), **spec_extra):
     """One engine in a subprocess (engine_run.py). A request of `rounds` may carry "mm" (its
-    mm_processor_kwargs); `refused`: requests that must fail alone (their errors come back)."""
+    mm_processor_kwargs); `refused`: requests that must fail alone (their errors come back);
+    `spec_extra`: engine_run's other keys ("video", "positions")."""
     spec, out = tmp / f"{name}.json", tmp / f"{name}.out.json"
     spec.write_text(json.dumps({"model": model, "agile": agile, "rounds": rounds,
-                                "embeds": embeds, "record": record, "refused": list(refused)}))
+                                "embeds": embeds, "record": record, "refused": list(refused),
+                                **spec_extra}))
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     if plugins is not None:
