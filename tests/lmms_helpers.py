@@ -1,6 +1,6 @@
 """What the lmms-eval tests share (tests/test_lmms_eval.py in .venv, tests/hf/test_hf_lmms_eval.py
-in .venv-hf): the tiny local task (generated images in a local parquet; generate_until and
-multiple_choice variants) and the CLI runner."""
+in .venv-hf, tests/hf/test_hf_lmms_qwen.py in .venv-hf5): the tiny local task (generated images
+in a local parquet; generate_until and multiple_choice variants) and the CLI runners."""
 import glob
 import json
 import os
@@ -104,6 +104,35 @@ def lmms(env, out, model_args, tasks="tiny_agile_gen", model="llava_agile", npro
     if files:
         with open(files[0]) as f:
             results = json.load(f)
+    return proc.returncode, proc.stdout + proc.stderr, results
+
+
+def lmms_config(env, runs: dict, timeout=600):
+    """Several evaluations in one lmms-eval CLI process (`--config`, a YAML list: lmms-eval runs
+    each in turn, logging a failed one and going on); runs: name -> dict(model=, model_args=,
+    tasks=, batch_size=). Each writes under env["root"] / name. Returns (returncode,
+    stdout + stderr, {name: results dict or None})."""
+    import yaml
+
+    configs = [dict(model=r["model"], model_args=r["model_args"], tasks=r.get("tasks",
+                    "tiny_agile_gen"), include_path=env["tasks"], batch_size=r.get("batch_size", 1),
+                    device="cpu", output_path=str(env["root"] / name), log_samples=True)
+               for name, r in runs.items()]
+    path = env["root"] / f"runs-{len(list(env['root'].glob('runs-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(configs))
+    proc_env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
+                    TOKENIZERS_PARALLELISM="false", HF_HOME=env["hf_home"],
+                    HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "lmms_eval", "--config", str(path)],
+                          capture_output=True, text=True, env=proc_env, timeout=timeout,
+                          cwd=str(env["root"]))
+    results = {}
+    for name in runs:
+        files = glob.glob(os.path.join(str(env["root"] / name), "*", "*_results.json"))
+        results[name] = None
+        if files:
+            with open(files[0]) as f:
+                results[name] = json.load(f)
     return proc.returncode, proc.stdout + proc.stderr, results
 
 

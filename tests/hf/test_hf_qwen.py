@@ -35,12 +35,14 @@ PROMPT = "describe <|vision_start|><|image_pad|><|vision_end|> the image"
 SIZES = [(112, 112), (112, 168)]
 
 
-def tiny_tokenizer():
-    """A word-level tokenizer with Qwen's vision tokens (shared with test_hf_qwen3)."""
+def tiny_tokenizer(words=WORDS):
+    """A word-level tokenizer with Qwen's vision tokens (shared with test_hf_qwen3 and
+    test_hf_lmms_qwen, which passes more words: ids 3 .. 3 + len(words) - 1, below 118)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<pad>": 0, "<unk>": 1, "<eos>": 2, **{w: i + 3 for i, w in enumerate(WORDS)},
+    assert len(words) + 3 <= VSTART
+    vocab = {"<pad>": 0, "<unk>": 1, "<eos>": 2, **{w: i + 3 for i, w in enumerate(words)},
              "<|vision_start|>": VSTART, "<|vision_end|>": VEND, "<|image_pad|>": IMAGE,
              "<|video_pad|>": VIDEO}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
