@@ -1,29 +1,31 @@
-"""`AgileQwen2_5_VL`: vLLM's `Qwen2_5_VLForConditionalGeneration` with visual-token pruning after
-the patch merger, the kept tokens at their original M-RoPE positions.
+"""`AgileQwen2_5_VL` and `AgileQwen3VL`: vLLM's `Qwen2_5_VLForConditionalGeneration` and
+`Qwen3VLForConditionalGeneration` with visual-token pruning after the patch merger, the kept
+tokens at their original M-RoPE positions.
 
-Without an `agile` entry in the model config it is vLLM's class unchanged. With one:
+Without an `agile` entry in the model config each is vLLM's class unchanged. With one:
 - Processor: each image's run of `<|image_pad|>` is cut to its K (`min(keep, N)`; the request's
   own K when it sets `mm_processor_kwargs {"agile": {"keep": K}}`, carried by the per-image
   field `agile_keep`), so the prompt, profiling, the encoder budget and the KV cache follow.
-  Videos and precomputed `image_embeds` are refused while the prompt is built.
+  Videos (the video limit is 0) and precomputed `image_embeds` are refused.
 - Scores: a forward hook on the attention kernel (`MMEncoderAttention`) of the last
-  full-attention vision block takes its rotated q / k and `cu_seqlens` and computes
-  `qwenvl.received_mean`, as the transformers adapter does (llava_agile/hf/qwen.py); the patch
-  scores are averaged per merge group and put back from the window order to raster order with
-  vLLM's own `reverse_indices`. Under tensor parallelism the heads of every rank are summed with
-  an all-reduce before the mean.
+  full-attention vision block (Qwen3-VL: the last block) takes its rotated q / k and
+  `cu_seqlens` and computes `qwenvl.received_mean`, as the transformers adapter does
+  (llava_agile/hf/qwen.py); the patch scores are averaged per merge group and, on Qwen2.5-VL,
+  put back from the window order to raster order with vLLM's own `reverse_indices`. Under tensor
+  parallelism the ranks' head means are averaged with an all-reduce.
 - Selection: `qwenvl.select_images`, per image, on the merger's output (its input under
-  `feature_space="vision"`).
+  `feature_space="vision"`); on Qwen3-VL the kept rows carry every deepstack level alike (vLLM's
+  tower returns them side by side).
 - Positions: vLLM's EVS machinery (`SupportsMultiModalPruning`): each image's embeddings carry
-  4 extra channels, the kept tokens' (t, h, w) positions in the full grid and the full grid's
+  extra channels, the kept tokens' (t, h, w) positions in the full grid and the full grid's
   extent max(t, h, w) (`_postprocess_image_embeds_evs`), and the runner's
   `recompute_mrope_positions` places them and continues the text after the image from the full
   extent, as transformers' `get_rope_index` does for the pruned run (llava_agile.hf.qwen).
   `get_mrope_input_positions` gives the request's first positions with the pruned runs' lengths
   (the image rows are placeholders until the recompute). The runner takes that path only when
   the multimodal config reports pruning: the model sets it on its config instance, and on the
-  CPU runner, which never reads it, `llava_agile.vllm.register` backports the GPU runner's check
-  (`cpu_pruning_flag`).
+  CPU runner, which never reads it, `llava_agile.vllm.register` sets the runner's flag for our
+  models (`cpu_pruning_flag`).
 """
 from __future__ import annotations
 
