@@ -79,7 +79,7 @@ class _Run:
         self.merge_margins = []  # SparseVLM: each clustering's margins (methods.dpc_knn)
         self.raters = {}        # SparseVLM: (sample, image) -> rater positions
         self.proxy = None       # SparseVLM: [B, L + V] the real position behind each source
-        self.merged = 0         # SparseVLM: merged tokens made so far (V)
+        self.merged = None      # SparseVLM: per sample, merged tokens made so far
         self.prefill = True
         self.decoded = 0
         self.args = {}          # this forward's arguments per (stage, prefill): shared by layers
@@ -408,13 +408,14 @@ class Engine:
         L = run.L
         if run.proxy is None:
             run.proxy = torch.arange(L, device=h.device)[None].repeat(B, 1)
+            run.merged = [0] * B
         if run.replay is not None:
             choices = run.replay[stage]
         else:
             at = self.score_layers[stage]
             scores = run.saved[at](kw)
             choices = {}
-        inv = _inverse(run.stage, B, L + run.merged, h.device)
+        inv = _inverse(run.stage, B, run.proxy.shape[1], h.device)
 
         def key(ext):   # sources as stored (replay): originals >= 0, merged tokens -(v + 1)
             return ext if ext < L else -(ext - L) - 1
@@ -423,7 +424,7 @@ class Engine:
             return k if k >= 0 else L - k - 1
 
         orders, rows, made = [], [], []
-        before = L + run.merged
+        before = run.proxy.shape[1]
         for b, imgs in enumerate(run.images):
             ent, src, pos = self._entries(b)
             srcs = src.tolist()
@@ -459,9 +460,12 @@ class Engine:
                     x = h[b, inv[b, cand_src]]
                     assign = torch.tensor(choice["assign"], device=h.device)
                 merged = M.merge_clusters(x, assign, choice["clusters"])
-                new = list(range(L + run.merged, L + run.merged + choice["clusters"]))
-                run.merged += choice["clusters"]
-                run.proxy = torch.cat([run.proxy, run.proxy.new_zeros(B, len(new))], 1)
+                # merged tokens are numbered per sample: sources L + v, v = 0, 1, ...
+                new = list(range(L + run.merged[b], L + run.merged[b] + choice["clusters"]))
+                run.merged[b] += choice["clusters"]
+                if new[-1] >= run.proxy.shape[1]:
+                    grow = new[-1] + 1 - run.proxy.shape[1]
+                    run.proxy = torch.cat([run.proxy, run.proxy.new_zeros(B, grow)], 1)
                 run.proxy[b, new] = r.stop - 1
                 kept = {ext(k) for k in choice["kept"]}
                 gone |= set(block) - kept
@@ -481,7 +485,7 @@ class Engine:
         new = _Stage(None, run.valid, orders, run.proxy)
         out = h.new_zeros(B, new.gather.shape[1], D)
         for b in range(B):   # rows: the current sequence's, then this stage's merged tokens
-            where = torch.zeros(L + run.merged, dtype=torch.long, device=h.device)
+            where = torch.zeros(run.proxy.shape[1], dtype=torch.long, device=h.device)
             where[:before] = inv[b]
             where[made[b]] = W + torch.arange(len(made[b]), device=h.device)
             take = torch.cat([h[b], rows[b]])[where[new.src[b]]]
