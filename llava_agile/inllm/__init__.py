@@ -1,4 +1,4 @@
-"""Pruning inside the LLM (FastV, PDrop, DART): pure methods (`methods`) and the one engine every
+"""Pruning inside the LLM (FastV, PDrop, DART, SparseVLM): pure methods (`methods`) and the one engine every
 framework adapter shares (`engine`)."""
 from .methods import (DEFAULTS, METHODS, RENUMBER, average_tokens, check_params,
                       keep_for_average, layer_tokens, stages)

@@ -11,7 +11,10 @@ where each sample's images sit; the engine then, inside the layer loop the frame
 - at a pruning layer, gathers the kept tokens of the hidden states; every later layer gets the
   position ids (original ones, or renumbered for PDrop), 4-D attention mask and cache positions
   of the kept tokens, so each layer's KV cache holds exactly the tokens that layer saw;
-- in decoding, maps the mask columns and positions of each layer onto its own (shorter) cache.
+- in decoding, maps the mask columns and positions of each layer onto its own (shorter) cache;
+- SparseVLM: inserts its merged tokens after each image's kept ones (new rows; their mask rows
+  and columns come from the image's last token, causality restored in the new order), scores
+  from the raters' attention probabilities in the scored layer, positions renumbered.
 
 Batches: samples keep different numbers of tokens (text-only samples lose none); the shorter ones
 get filler entries that nobody attends to (left, or right for right-padded samples).

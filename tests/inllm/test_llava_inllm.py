@@ -1,5 +1,5 @@
-"""FastV, PDrop, DART and SparseVLM on LLaVA's own model (transformers 4.37.2), through LLaVA's unchanged
-generate: where the image sits, generation with the KV cache, batches, errors.
+"""FastV, PDrop, DART and SparseVLM on LLaVA's own model (transformers 4.37.2), through LLaVA's
+unchanged generate: where the image sits, generation with the KV cache, batches, errors.
 
 The tiny LLaVA runs in float64; every comparison of choices asserts its margins (greedy steps:
 top-2 logit gaps; selections: the engine's cut-off gaps).
