@@ -89,10 +89,6 @@ def enable(model, processor=None, method="adaptive", keep: int | None = None, *,
                          f">= 4.52); install transformers=={TESTED[0]} or =={TESTED[1]}")
     if is_enabled(model):
         disable(model)
-    if cfg.method == "sparsevlm":
-        raise ValueError("sparsevlm is built and checked on LLaVA's own model (llava-torch, "
-                         "transformers 4.37.2: llava_agile.enable(model, 'sparsevlm', 300)); "
-                         "transformers' LLaVA / LLaVA-NeXT adapter does not take it yet")
     if cfg.method in INLLM_METHODS:   # every image token reaches the LLM: no processor patch
         return _inllm.enable(model, cfg)
     state = _model.new_state(model, cfg, kind, processor)

@@ -1,4 +1,5 @@
-"""FastV, PDrop and DART on transformers' LLaVA-1.5 / LLaVA-NeXT == the original codebase.
+"""FastV, PDrop, DART and SparseVLM on transformers' LLaVA-1.5 / LLaVA-NeXT == the original
+codebase.
 
 The same in-LLM runs of orig_reference.py (INLLM: the tiny LLaMA has 2 layers, so pruning
 happens before layer 1) through `llava_agile.enable(model, processor=..., method=...)` on the

@@ -6,8 +6,9 @@ SPARSEVLMS is a checkout of Gumpest/SparseVLMs at 734d9003879689713a132b83297dfa
 `v1.5`). Its `llava/model/language_model/modelling_sparse_llama.py` (`LlamaDynamicvitModel`, with
 `score.py` and `utils.py` beside it) runs UNCHANGED in transformers 4.37.2 (this project's .venv) in
 float64 on `tiny_llm`'s weights and prompt (35 prompt tokens, 576 image tokens, 20 text tokens),
-with a 32-layer tiny LLaMA (as LLaVA-1.5-7B) so that its own pruning layers (2, 6, 15) and its own schedules
-(`score.sparse_token_dict`: 192: 300/200/110, 128: 303/110/36, 64: 66/30/17) apply unscaled.
+with a 32-layer tiny LLaMA (as LLaVA-1.5-7B) so that its own pruning layers (2, 6, 15) and its
+own schedules (`score.sparse_token_dict`: 192: 300/200/110, 128: 303/110/36, 64: 66/30/17) apply
+unscaled (the FastV / PDrop / DART recordings scale their layers to a 6-layer model instead).
 
 What is not the official setting, and why:
 - its code needs CUDA. Stubbed for the run only: `flash_attn_func` (every layer's attention, from
@@ -147,7 +148,8 @@ def run(mod, case, sd, x, embed):
         out = topk(w, v_start, v_num, t_start, t_idx, layer_idx, retained)
         spied["topk"].append(dict(layer=layer_idx, v_start=int(v_start), v_num=int(v_num),
                                   text_start=int(t_start), raters=t_idx[1].tolist(),
-                                  scores=out[2][0].tolist(), kept=out[0][0].nonzero()[:, 0].tolist()))
+                                  scores=out[2][0].tolist(),
+                                  kept=out[0][0].nonzero()[:, 0].tolist()))
         return out
 
     def merge_spy(xs, cluster_num):

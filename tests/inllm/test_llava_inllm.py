@@ -18,7 +18,8 @@ from llava.mm_utils import process_images  # noqa: E402
 N, LAYERS = 576, 4
 CASES = [("fastv", 64, {}), ("fastv", 100, dict(layer=1)), ("dart", 68, {}),
          ("dart", 62, dict(layer=3, pivot_image=2, pivot_text=2)),
-         ("pdrop", 64, dict(layers=(1, 2, 3))), ("pdrop", 1, dict(layers=(2, 3), ratios=(0.3, 0.05))),
+         ("pdrop", 64, dict(layers=(1, 2, 3))),
+         ("pdrop", 1, dict(layers=(2, 3), ratios=(0.3, 0.05))),
          ("sparsevlm", 300, dict(layers=(0, 1, 2))),      # its "192" schedule, 300/200/110
          ("sparsevlm", 100, dict(layers=(1, 2), schedule=(100, 20)))]   # 15, 3 merged
 BATCH = CASES[:6:2] + [CASES[5]] + CASES[6:]
