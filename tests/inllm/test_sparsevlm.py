@@ -234,3 +234,73 @@ def test_noise_check_sees_noise_decided_clusterings():
     assign = M.dpc_knn(x, 2, margins)
     assert margins["density"] == 0 and margins["centre"] < 0
     assert not noise_cannot_decide(x, 2, assign, margins)
+
+
+def test_two_images_cached_decoding_equals_recomputing():
+    """One sample with two images (text between and after them): each image is pruned on its
+    own (raters: the text after it, the other image left out), its merged tokens follow its kept
+    ones; greedy decoding with the KV cache = full forwards without cache that keep the prefill's
+    choices (positions, masks and merged rows of every stage), on SDPA and eager attention."""
+    from transformers import LlamaModel
+    torch.set_num_threads(1)
+    a, b = range(10, 70), range(78, 138)
+    length = 148
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1, length, 64, generator=g, dtype=torch.float64)
+    embed = torch.randn(T.VOCAB, 64, generator=g, dtype=torch.float64)
+    params = dict(layers=(0, 2), schedule=(20, 8))
+    for attn in ("sdpa", "eager"):
+        cfg = T.config(4)
+        cfg._attn_implementation = attn
+        model = LlamaModel(cfg).double().eval()
+        model.load_state_dict(T.weights(layers=4))
+        eng = Engine(model.layers, "sparsevlm", 20, params)
+        seen = []
+        hooks = [layer.register_forward_hook(   # a layer's output: the tokens it saw
+            lambda m, args, out: seen.append(out[0].shape[1])) for layer in model.layers]
+        torch.set_default_dtype(torch.float64)
+        try:
+            eng.begin([[a, b]], torch.ones(1, length, dtype=torch.bool))
+            with torch.no_grad():
+                torch.manual_seed(0)
+                out = model(inputs_embeds=x, use_cache=True, return_dict=False)
+                run = eng.last
+                cache, seq, h = out[1], x, out[0][0, -1]
+                for _ in range(3):
+                    tok = int((h @ embed.T).argmax())
+                    e = embed[tok][None, None]
+                    o = model(inputs_embeds=e, past_key_values=cache, use_cache=True,
+                              return_dict=False)
+                    cache, h = o[1], o[0][0, -1]
+                    seq = torch.cat([seq, e], 1)
+                    eng.replay()
+                    eng.begin([[a, b]], torch.ones(1, seq.shape[1], dtype=torch.bool))
+                    full = model(inputs_embeds=seq, use_cache=False,
+                                 return_dict=False)[0][0, -1]
+                    torch.testing.assert_close(full, h, rtol=0, atol=1e-6)
+                    eng.last = run   # the next replay reuses the first prefill's choices
+        finally:
+            torch.set_default_dtype(torch.float32)
+            for hk in hooks:
+                hk.remove()
+            eng.remove()
+        assert min(run.margins) > CUT   # (the replays reuse the clusters: no noise to rule out)
+        text = length - 2 * 60
+        counts = M.sparsevlm_counts((20, 8), 60)
+        per_image = [c[2] for c in counts]
+        assert seen[:4] == [length] + [text + 2 * per_image[0]] * 2 + [text + 2 * per_image[1]]
+        assert run.raters[0, 0].min() >= a.stop and not any(p in b for p in
+                                                            run.raters[0, 0].tolist())
+        assert run.raters[0, 1].min() >= b.stop
+        order = run.stage.src[0].tolist()   # the last stage: prefix, A kept + merged, text, ...
+        L = length
+        ia, ib = ([i for i, s in enumerate(order)
+                   if (s < L and s in r) or (s >= L and run.proxy[0, s] == r.stop - 1)]
+                  for r in (a, b))
+        assert ia == list(range(10, 10 + per_image[1]))
+        assert ib == list(range(10 + per_image[1] + 8, 10 + per_image[1] + 8 + per_image[1]))
+        for idx in (ia, ib):
+            kinds = [order[i] >= L for i in idx]
+            assert kinds == sorted(kinds)    # merged ones after the kept ones
+            real = [order[i] for i in idx if order[i] < L]
+            assert real == sorted(real)
