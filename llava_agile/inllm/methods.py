@@ -24,8 +24,9 @@ docs/in_llm_notes.md):
 
 `keep` is one thing for every method: the image tokens per image that the layers after the
 (first) pruning layer see (PDrop given its own `ratios` takes its counts from them instead;
-SparseVLM: the first stage's kept count, its merged tokens come on top). `layer_tokens` / `average_tokens` give the image tokens each decoder
-layer sees and their mean; `keep_for_average` converts a per-layer average budget into `keep`.
+SparseVLM: the first stage's kept count, its merged tokens come on top). `layer_tokens` /
+`average_tokens` give the image tokens each decoder layer sees and their mean;
+`keep_for_average` converts a per-layer average budget into `keep`.
 """
 from __future__ import annotations
 
