@@ -258,7 +258,7 @@ def test_visualize_writes_one_png(data, capsys):
 
 
 def test_in_llm_methods_with_a_question(data, capsys):
-    """FastV / PDrop / DART rank by the prompt: analyze and visualize run LLaVA's generate with
+    """FastV / PDrop / DART / SparseVLM rank by the prompt: analyze and visualize run LLaVA's generate with
     the question; the kept patches are the image tokens the layers after the pruning layer see
     (the tiny LLaMA has 2 layers: pruning before layer 1)."""
     out = data["root"] / "an-inllm"
@@ -272,6 +272,18 @@ def test_in_llm_methods_with_a_question(data, capsys):
             [("fastv", 20, 20), ("dart", 20, 20)]
         assert all(x["avg_tokens"] == (N + 20) / 2 and x["answer"] for x in r["runs"])
         assert all(0 < x["retained_erank"] <= 20 for x in r["runs"])
+    # SparseVLM: the kept patches are the first stage's kept image tokens (its merged tokens,
+    # averages of dropped ones, are no patch); the layers after it see them plus the merged ones
+    from llava_agile.inllm.methods import sparsevlm_counts
+    out = data["root"] / "an-sparsevlm"
+    assert run("analyze", "--model-path", data["model"], "--images", data["images"],
+               "--methods", "sparsevlm", "--keep", 20, "--pruning-args", "layers=0,schedule=20",
+               "--question", "What is it?", "--out", out) == 0
+    (_, _, seen), = sparsevlm_counts((20,), N)   # kept + merged
+    for r in read_records(out / "records.jsonl"):
+        (x,) = r["runs"]
+        assert (x["method"], x["kept"], len(x["indices"])) == ("sparsevlm", 20, 20)
+        assert x["avg_tokens"] == (N + seen) / 2 and x["answer"]
     capsys.readouterr()
     png = data["root"] / "vis-inllm.png"
     assert run("visualize", data["images"] / "2.png", "--model-path", data["model"],

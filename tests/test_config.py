@@ -141,7 +141,8 @@ def test_config_drives_the_api():
     ("dart", 132, {"layer": 2, "pivot_image": 4, "pivot_text": 4},
      "layer=2,pivot_image=4,pivot_text=4"),
     ("pdrop", 288, {"layers": (8, 16, 24), "ratios": (0.5, 0.25, 0.125)},
-     "layers=8/16/24,ratios=0.5/0.25/0.125")])
+     "layers=8/16/24,ratios=0.5/0.25/0.125"),
+    ("sparsevlm", 40, {"layers": (1, 3), "schedule": (40, 10)}, "layers=1/3,schedule=40/10")])
 def test_in_llm_configs(method, keep, params, text):
     cfg = PruneConfig(method, keep, params)
     d = cfg.to_dict()

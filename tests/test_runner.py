@@ -283,9 +283,10 @@ def test_flags_build_the_config(tmp_path):
 
 @pytest.mark.parametrize("method,extra,counts", [
     ("fastv", None, [576, 576, 64, 64]), ("pdrop", "layers=1/3", [576, 64, 64, 7]),
-    ("dart", "layer=3", [576, 576, 576, 68])])
+    ("dart", "layer=3", [576, 576, 576, 68]),
+    ("sparsevlm", "layers=1/2,schedule=64/20", [576, 576, 64 + 16, 20 + 2])])
 def test_loader_in_llm_methods(setup, tmp_path, method, extra, counts, monkeypatch):
-    """FastV / PDrop / DART through LLaVA's eval module: the LLM gets every image token and
+    """FastV / PDrop / DART / SparseVLM (kept + merged tokens) through LLaVA's eval module: the LLM gets every image token and
     drops them between its decoder layers (a 4-layer tiny LLaVA)."""
     from llava_agile.assets import build_tiny_llava
 

@@ -67,8 +67,8 @@ def _pruning(ap, keep_nargs="+"):
 def _question(ap):
     ap.add_argument("--question", default=None,
                     help="generate an answer to this question for every image (needed by the "
-                         "methods that prune inside the LLM: fastv, pdrop, dart rank by the "
-                         "prompt's attention)")
+                         "methods that prune inside the LLM: fastv, pdrop, dart, sparsevlm rank by "
+                         "the prompt's attention)")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -1,5 +1,5 @@
 """transformers' LLaVA-1.5 / LLaVA-NeXT / Qwen2.5-VL with a method that prunes inside the LLM
-(FastV, PDrop, DART; Qwen2.5-VL: FastV, DART): the shared engine (`llava_agile.inllm.engine`)
+(FastV, PDrop, DART, SparseVLM; Qwen2.5-VL: FastV, DART): the shared engine (`llava_agile.inllm.engine`)
 on the language model's decoder layers, told where the images are by an instance-level
 `forward` that reads the image placeholders of each prefill. The processor and the vision side
 run unchanged (every image token reaches the LLM)."""

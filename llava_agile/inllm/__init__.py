@@ -1,5 +1,5 @@
-"""Pruning inside the LLM (FastV, PDrop, DART): pure methods (`methods`) and the one engine every
-framework adapter shares (`engine`)."""
+"""Pruning inside the LLM (FastV, PDrop, DART, SparseVLM): pure methods (`methods`) and the one
+engine every framework adapter shares (`engine`)."""
 from .methods import (DEFAULTS, METHODS, RENUMBER, average_tokens, check_params,
                       keep_for_average, layer_tokens, stages)
 

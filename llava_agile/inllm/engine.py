@@ -11,7 +11,10 @@ where each sample's images sit; the engine then, inside the layer loop the frame
 - at a pruning layer, gathers the kept tokens of the hidden states; every later layer gets the
   position ids (original ones, or renumbered for PDrop), 4-D attention mask and cache positions
   of the kept tokens, so each layer's KV cache holds exactly the tokens that layer saw;
-- in decoding, maps the mask columns and positions of each layer onto its own (shorter) cache.
+- in decoding, maps the mask columns and positions of each layer onto its own (shorter) cache;
+- SparseVLM: inserts its merged tokens after each image's kept ones (new rows; their mask rows
+  and columns come from the image's last token, causality restored in the new order), scores
+  from the raters' attention probabilities in the scored layer, positions renumbered.
 
 Batches: samples keep different numbers of tokens (text-only samples lose none); the shorter ones
 get filler entries that nobody attends to (left, or right for right-padded samples).
@@ -28,25 +31,37 @@ from . import methods as M
 
 
 class _Stage:
-    """The tokens of the original prefill that one group of layers sees."""
+    """The tokens of the original prefill that one group of layers sees: `alive` `[B, L]` (kept
+    ones in their order), or `order` (SparseVLM): per sample its sources in order, original
+    positions (< L) or merged tokens (L + v), whose mask rows / columns and positions come from
+    a real token, `proxy[b, L + v]` (the image's last position; exact causality is restored in
+    the new order, see `_prefill_mask`)."""
 
-    def __init__(self, alive: torch.Tensor, valid: torch.Tensor):
-        B, L = alive.shape
+    def __init__(self, alive: torch.Tensor | None, valid: torch.Tensor, order=None, proxy=None):
+        B, L = valid.shape
+        device = valid.device
         self.alive = alive
-        n = alive.sum(1)
-        width = int(n.max())
+        if order is None:
+            order = [alive[b].nonzero()[:, 0] for b in range(B)]
+        width = max(len(o) for o in order)
         right = ~valid[:, -1] & valid[:, 0]  # right-padded samples: fillers go last
-        self.gather = torch.zeros(B, width, dtype=torch.long, device=alive.device)
-        self.filler = torch.ones(B, width, dtype=torch.bool, device=alive.device)
+        self.gather = torch.zeros(B, width, dtype=torch.long, device=device)
+        self.src = torch.zeros(B, width, dtype=torch.long, device=device)
+        self.filler = torch.ones(B, width, dtype=torch.bool, device=device)
+        self.shift = torch.zeros(B, width, dtype=torch.long, device=device)
         for b in range(B):
-            idx = alive[b].nonzero()[:, 0]
+            idx = torch.as_tensor(order[b], dtype=torch.long, device=device)
             at = 0 if right[b] else width - len(idx)
-            self.gather[b, at:at + len(idx)] = idx
+            g = idx if proxy is None else proxy[b][idx]
+            self.src[b, at:at + len(idx)] = idx
+            self.gather[b, at:at + len(idx)] = g
             self.filler[b, at:at + len(idx)] = False
-        dropped = (~alive).long()
-        self.shift = (dropped.cumsum(1) - dropped).gather(1, self.gather)  # dropped before each
-        self.total = dropped.sum(1)
+            # renumbering: the k-th entry gets the position of the k-th token (for originals
+            # only: the tokens dropped before it)
+            self.shift[b, at:at + len(idx)] = g - torch.arange(len(idx), device=device)
+        self.total = torch.tensor([L - len(o) for o in order], device=device)  # tokens fewer
         self.length = L
+        self.virtual = bool((self.src >= L).any())
 
 
 class _Run:
@@ -61,8 +76,13 @@ class _Run:
         self.saved = {}
         self.kept = [[[] for _ in imgs] for imgs in images]  # per image, per stage: kept ones
         self.replay = replay    # alive masks to reuse (no scoring)
-        self.replays = []       # alive masks of each pruning layer (what replay() reuses)
+        self.replays = []       # alive masks of each pruning layer (what replay() reuses);
+                                # SparseVLM: each stage's choices per (sample, image)
         self.margins = []       # each selection's gap at its cut-off (tests check them)
+        self.merge_margins = []  # SparseVLM: each clustering's margins (methods.dpc_knn)
+        self.raters = {}        # SparseVLM: (sample, image) -> rater positions
+        self.proxy = None       # SparseVLM: [B, L + V] the real position behind each source
+        self.merged = None      # SparseVLM: per sample, merged tokens made so far
         self.prefill = True
         self.decoded = 0
         self.args = {}          # this forward's arguments per (stage, prefill): shared by layers
@@ -82,6 +102,9 @@ class Engine:
         if method == "pdrop":
             prune = list(self.params["layers"])
             score = prune
+        elif method == "sparsevlm":   # scored with layer s's attention, dropped after it
+            score = list(self.params["layers"])
+            prune = [s + 1 for s in score]
         else:
             prune = [self.params["layer"]]
             score = [self.params["layer"] - 1]
@@ -125,7 +148,8 @@ class Engine:
             if self.last is None:
                 raise RuntimeError("replay() needs an earlier prefill to replay")
             extra = valid.shape[1] - self.last.L
-            replay = [torch.cat([a, a.new_ones(a.shape[0], extra)], 1) for a in self.last.replays]
+            replay = list(self.last.replays) if self.method == "sparsevlm" else \
+                [torch.cat([a, a.new_ones(a.shape[0], extra)], 1) for a in self.last.replays]
         for b, imgs in enumerate(images):
             for r in imgs:
                 if not valid[b, r.start:r.stop].all():
@@ -155,10 +179,14 @@ class Engine:
                     cur = len(plan[i]) if i in plan else cur
                     counts.append(cur)
                 first = run.kept[b][j][0] if run.kept[b][j] else list(range(len(r)))
+                first = [p for p in first if p >= 0]   # SparseVLM: merged tokens are < 0
+                stages = [dict(layer=p, kept=len(k)) for p, k in plan.items()]
+                if self.method == "sparsevlm":         # kept: merged ones included
+                    for st, k in zip(stages, plan.values()):
+                        st["merged"] = sum(1 for p in k if p < 0)
                 rows.append(dict(method=self.method, tokens=len(r), kept=len(first),
                                  indices=first, layer_tokens=counts,
-                                 avg_tokens=sum(counts) / len(counts),
-                                 stages=[dict(layer=p, kept=len(k)) for p, k in plan.items()],
+                                 avg_tokens=sum(counts) / len(counts), stages=stages,
                                  prune_ms=run.ms / max(1, sum(len(x) for x in run.images))))
             out.append(rows)
         return out
@@ -186,12 +214,17 @@ class Engine:
             if i == 0 and hidden_states.shape[1] != run.L:
                 raise RuntimeError(f"in-LLM pruning expected the prefill of {run.L} tokens, got "
                                    f"{hidden_states.shape[1]}")
-            if i in self.score_layers or i in self.prune_layers:
+            sparse = self.method == "sparsevlm"
+            if i in self.score_layers or i in self.prune_layers or (sparse and i == 0):
                 t0 = time.perf_counter()
+                if sparse and i == 0 and run.replay is None:
+                    self._raters(hidden_states)
+                if sparse and i in self.prune_layers:   # score the sequence after the drop
+                    hidden_states = self._prune_sparsevlm(i, hidden_states, kw)
                 if i in self.score_layers and run.replay is None:
                     run.saved[i] = self._score(i, hidden_states,
                                                self._args(run.stage, kw, True, hidden_states))
-                if i in self.prune_layers:
+                if not sparse and i in self.prune_layers:
                     hidden_states = self._prune(i, hidden_states, kw)
                 run.ms += (time.perf_counter() - t0) * 1e3
             run.layer_stage[i] = run.stage
@@ -227,6 +260,8 @@ class Engine:
         they get a function that reads layer K-1's keys from the KV cache the prefill just
         filled (recomputing them without a cache)."""
         run, layer = self.run, self.layers[i]
+        if self.method == "sparsevlm":
+            return self._score_sparsevlm(i, h, kw)
         ents = [self._cur(b)[0] if imgs else None for b, imgs in enumerate(run.images)]
         last = torch.tensor([int(e[-1]) if e is not None else 0 for e in ents], device=h.device)
         q = None if self.method == "dart" else _qk(layer, h, kw, last, keys=False)[0]
@@ -304,6 +339,162 @@ class Engine:
         local = M.dart_select(keys, states, range(first, last + 1), text,
                               self.params["pivot_image"], pt, count, self.run.margins)
         return pos[local].tolist()
+
+    # ------------------------------------------------------------ SparseVLM
+
+    def _raters(self, h):
+        """Per (sample, image): the rater positions, from layer 0's input (the LLM input
+        embeddings): of the real non-image tokens after the image (its code: everything after
+        the image), those `methods.sparsevlm_raters` picks."""
+        run = self.run
+        for b, imgs in enumerate(run.images):
+            image = torch.zeros(run.L, dtype=torch.bool, device=h.device)
+            for r in imgs:
+                image[r.start:r.stop] = True
+            for j, r in enumerate(imgs):
+                text = (run.valid[b] & ~image).nonzero()[:, 0]
+                text = text[text >= r.stop]
+                pick = M.sparsevlm_raters(h[b, r.start:r.stop], h[b, text]) if len(text) else \
+                    text.new_zeros(0, dtype=torch.bool)
+                if not pick.any():
+                    raise ValueError(f"sparsevlm: sample {b}, image {j}: no rater among the "
+                                     f"{len(text)} text tokens after the image (it needs text "
+                                     f"after the image, not all alike)")
+                run.raters[b, j] = text[pick]
+
+    def _entries(self, b):
+        """(sequence indices of sample b's entries, padding included, fillers not; their
+        sources; their real positions)."""
+        st = self.run.stage
+        if st is None:
+            ent = torch.arange(self.run.L, device=self.run.valid.device)
+            return ent, ent, ent
+        ent = (~st.filler[b]).nonzero()[:, 0]
+        return ent, st.src[b][ent], st.gather[b][ent]
+
+    def _score_sparsevlm(self, i, h, kw):
+        """Layer i's attention probabilities from each image's raters over the image's tokens
+        (merged ones included), averaged over heads then raters (`score.attn_postprocess_topk`);
+        queries from layer i's input, keys read from its KV cache once it ran."""
+        run, layer = self.run, self.layers[i]
+        q = _queries(layer, h, kw)
+        W = h.shape[1]
+
+        def scores(later_kw):
+            k = _cached_keys(layer, later_kw, i, W) if cache_length(later_kw) else \
+                _qk(layer, h, kw)[1]
+            out = {}
+            for b, imgs in enumerate(run.images):
+                if not imgs:
+                    continue
+                ent, src, pos = self._entries(b)
+                real = ent[run.valid[b][pos]]
+                for j, r in enumerate(imgs):
+                    block = ent[(pos >= r.start) & (pos < r.stop)]
+                    rows = ent[torch.isin(src, run.raters[b, j])]
+                    allowed = torch.zeros(len(rows), W, dtype=torch.bool, device=h.device)
+                    allowed[:, real] = True
+                    allowed &= torch.arange(W, device=h.device)[None] <= rows[:, None]
+                    att = M.rater_attention(q[b][:, rows], k[b], allowed)
+                    out[b, j] = att[:, block].mean(dim=0)
+            return out
+        return scores
+
+    def _prune_sparsevlm(self, i, h, kw):
+        """Before layer i (after score layer i - 1): per image keep `min(count, v - 1)` of its v
+        tokens by score, cluster the best `int(0.3 * dropped) + 1` dropped ones into
+        `int(that / 10) + 1` merged tokens (means of layer i - 1's output rows), put them after the
+        image's kept tokens (`modelling_sparse_llama.py` L223-325)."""
+        run = self.run
+        stage = self.prune_layers.index(i)
+        B, W, D = h.shape
+        L = run.L
+        if run.proxy is None:
+            run.proxy = torch.arange(L, device=h.device)[None].repeat(B, 1)
+            run.merged = [0] * B
+        if run.replay is not None:
+            choices = run.replay[stage]
+        else:
+            at = self.score_layers[stage]
+            scores = run.saved[at](kw)
+            choices = {}
+        inv = _inverse(run.stage, B, run.proxy.shape[1], h.device)
+
+        def key(ext):   # sources as stored (replay): originals >= 0, merged tokens -(v + 1)
+            return ext if ext < L else -(ext - L) - 1
+
+        def ext(k):
+            return k if k >= 0 else L - k - 1
+
+        orders, rows, made = [], [], []
+        before = run.proxy.shape[1]
+        for b, imgs in enumerate(run.images):
+            ent, src, pos = self._entries(b)
+            srcs = src.tolist()
+            new_rows = []
+            after = {}    # source of an image's last entry -> merged sources to put after it
+            gone = set()
+            for j, r in enumerate(imgs):
+                inside = ((pos >= r.start) & (pos < r.stop)).nonzero()[:, 0]
+                block = [srcs[t] for t in inside.tolist()]
+                if run.replay is None:
+                    sc = scores[b, j]
+                    count = min(M.sparsevlm_schedule(self.keep, self.params)[stage],
+                                len(block) - 1)
+                    top = M.top_sorted(sc, count, run.margins)
+                    kept_mask = torch.zeros(len(block), dtype=torch.bool, device=h.device)
+                    kept_mask[top] = True
+                    dropped = (~kept_mask).nonzero()[:, 0]
+                    n1 = int(len(dropped) * 0.3) + 1
+                    M.top_sorted(sc[dropped], n1, run.margins)   # its cut-off margin
+                    cand = dropped[sc[dropped].topk(n1).indices]   # in topk order
+                    clusters = int(n1 / 10) + 1
+                    x = h[b, inv[b, src[inside[cand]]]]
+                    marg = {}
+                    assign = M.dpc_knn(x, clusters, marg)
+                    run.merge_margins.append(marg)
+                    choice = dict(kept=[key(block[t]) for t in top.tolist()],
+                                  cand=[key(block[t]) for t in cand.tolist()],
+                                  assign=assign.tolist(), clusters=clusters)
+                    choices[b, j] = choice
+                else:
+                    choice = choices[b, j]
+                    cand_src = torch.tensor([ext(k) for k in choice["cand"]], device=h.device)
+                    x = h[b, inv[b, cand_src]]
+                    assign = torch.tensor(choice["assign"], device=h.device)
+                merged = M.merge_clusters(x, assign, choice["clusters"])
+                # merged tokens are numbered per sample: sources L + v, v = 0, 1, ...
+                new = list(range(L + run.merged[b], L + run.merged[b] + choice["clusters"]))
+                run.merged[b] += choice["clusters"]
+                if new[-1] >= run.proxy.shape[1]:
+                    grow = new[-1] + 1 - run.proxy.shape[1]
+                    run.proxy = torch.cat([run.proxy, run.proxy.new_zeros(B, grow)], 1)
+                run.proxy[b, new] = r.stop - 1
+                kept = {ext(k) for k in choice["kept"]}
+                gone |= set(block) - kept
+                after[block[-1]] = new
+                new_rows.append(merged)
+                run.kept[b][j].append([s - r.start if s < L else -(s - L) - 1
+                                       for s in block if s in kept] + [-(s - L) - 1 for s in new])
+            order = []
+            for s in srcs:
+                if s not in gone:
+                    order.append(s)
+                order.extend(after.get(s, []))
+            orders.append(order)
+            rows.append(torch.cat(new_rows) if new_rows else h.new_zeros(0, D))
+            made.append([s for v in after.values() for s in v])
+        run.replays.append(choices)
+        new = _Stage(None, run.valid, orders, run.proxy)
+        out = h.new_zeros(B, new.gather.shape[1], D)
+        for b in range(B):   # rows: the current sequence's, then this stage's merged tokens
+            where = torch.zeros(run.proxy.shape[1], dtype=torch.long, device=h.device)
+            where[:before] = inv[b]
+            where[made[b]] = W + torch.arange(len(made[b]), device=h.device)
+            take = torch.cat([h[b], rows[b]])[where[new.src[b]]]
+            out[b] = take.masked_fill(new.filler[b][:, None], 0)
+        run.stage = new
+        return out
 
     # ------------------------------------------------------------ per-layer arguments
 
@@ -423,6 +614,21 @@ def _qk(layer, h, kw, rows=None, keys=True):
     return (None if q is None else q[:, :, 0]), k
 
 
+def _queries(layer, h, kw):
+    """The layer's post-RoPE queries of every row `[B, H, L, d]`, as its attention computes them."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(h)
+    B, L, _ = x.shape
+    q = attn.q_proj(x).view(B, L, -1, attn.head_dim).transpose(1, 2)
+    rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    if kw.get("position_embeddings") is not None:    # transformers >= 4.48
+        cos, sin = (t.expand(B, -1, -1) for t in kw["position_embeddings"])
+        return rope(q, q, cos, sin)[0]
+    pos = kw["position_ids"].expand(B, -1)           # 4.37: each attention's own table
+    cos, sin = attn.rotary_emb(x, seq_len=int(pos.max()) + 1)
+    return rope(q, q, cos, sin, pos)[0]
+
+
 def _cached_keys(layer, kw, i, length):
     """Layer i's keys of this prefill from the KV cache (`[B, H, L, d]`, repeated to H heads):
     4.37's `key_cache[i]`, 4.57 / 5.x's `layers[i].keys`."""
@@ -435,12 +641,13 @@ def _cached_keys(layer, kw, i, length):
 
 
 def _inverse(st: _Stage | None, B: int, L: int, device) -> torch.Tensor:
-    """`[B, L]`: where each original position sits in the current sequence."""
+    """`[B, L]`: where each source (original position; SparseVLM: merged tokens L + v too, L
+    then counts them) sits in the current sequence."""
     if st is None:
         return torch.arange(L, device=device)[None].expand(B, L)
     inv = torch.zeros(B, L, dtype=torch.long, device=device)
     idx = torch.arange(st.gather.shape[1], device=device).expand_as(st.gather)
-    return inv.scatter(1, st.gather, idx.masked_fill(st.filler, 0))
+    return inv.scatter(1, st.src, idx.masked_fill(st.filler, 0))
 
 
 def _blocked(mask):
@@ -466,6 +673,9 @@ def _prefill_mask(mask, st: _Stage, dtype, flat=False):
         g = st.gather[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[3])
         mask = mask.gather(2, g)
         mask = mask.gather(3, st.gather[:, None, None, :].expand(-1, mask.shape[1], W, -1))
+        if st.virtual:   # merged tokens share their proxy's row and column: causal in new order
+            later = torch.ones(W, W, dtype=torch.bool, device=mask.device).triu(1)
+            mask = mask.masked_fill(later, _blocked(mask))
     if fill:
         eye = torch.eye(W, dtype=torch.bool, device=mask.device)
         mask = mask.masked_fill(st.filler[:, None, None, :], _blocked(mask))

@@ -1,4 +1,4 @@
-"""LLaVA's own model with a method that prunes inside the LLM (FastV, PDrop, DART).
+"""LLaVA's own model with a method that prunes inside the LLM (FastV, PDrop, DART, SparseVLM).
 
 LLaVA's `prepare_inputs_labels_for_multimodal` is wrapped to learn where each sample's image
 tokens land (it is run with marker labels: LLaVA labels image positions IGNORE_INDEX) and to

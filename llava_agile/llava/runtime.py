@@ -277,8 +277,8 @@ def enable(model, method="adaptive", keep: int | None = None, *, feature_space: 
     `stats="basic"` (default) reports the kept count, indices, time and what the method computed
     anyway (adaptive's erank and thresholds, a hybrid's ratio); `stats="full"` also measures every
     image's full-token erank and attention entropy (an eigendecomposition per image).
-    The in-LLM methods (fastv, pdrop, dart) feed every image token to the LLM, whose decoder
-    layers drop them (`llava_agile.llava.inllm`); their stats add `layer_tokens` / `avg_tokens`.
+    The in-LLM methods (fastv, pdrop, dart, sparsevlm) feed every image token to the LLM, whose
+    decoder layers drop them (`llava_agile.llava.inllm`); their stats add `layer_tokens` / `avg_tokens`.
     cdpruner / trim: `text_tower`, the CLIP checkpoint folder with the text tower (default: the
     vision tower's path); the question is the prompt's text after each image (decoded with
     `tokenizer`, default: the model folder's), or `llava_agile.set_question(model, text)`.

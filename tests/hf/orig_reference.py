@@ -26,7 +26,8 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32}
 KEEP = 24
 NEW_TOKENS = 4
 INLLM = [("fastv", KEEP, dict(layer=1)), ("dart", 28, dict(layer=1)),
-         ("pdrop", KEEP, dict(layers=(1,)))]
+         ("pdrop", KEEP, dict(layers=(1,))),
+         ("sparsevlm", KEEP, dict(layers=(0,), schedule=(KEEP,)))]
 IMAGES_15 = [dict(seed=0, size=(336, 336), kind="shapes"), dict(seed=1, size=(336, 336), kind="noise")]
 IMAGES_NEXT = [dict(seed=3, size=(500, 300), kind="shapes"), dict(seed=4, size=(640, 640), kind="noise")]
 

@@ -1,4 +1,5 @@
-"""FastV, PDrop and DART on transformers' LLaVA-1.5 / LLaVA-NeXT == the original codebase.
+"""FastV, PDrop, DART and SparseVLM on transformers' LLaVA-1.5 / LLaVA-NeXT == the original
+codebase.
 
 The same in-LLM runs of orig_reference.py (INLLM: the tiny LLaMA has 2 layers, so pruning
 happens before layer 1) through `llava_agile.enable(model, processor=..., method=...)` on the
@@ -106,6 +107,10 @@ def test_left_padded_batch_equals_single_samples(hf, reference, method, keep, pa
             out = model.generate(input_ids=batch, pixel_values=pix, attention_mask=mask,
                                  do_sample=False, max_new_tokens=4)[:, L:]
             stats = model.agile_stats
+            # sparsevlm: its DPC-kNN density noise (global RNG, drawn in sample order) cannot
+            # change a clustering here, so the batch and the samples alone merge alike
+            assert all(m.get("centre", 1) > 0 and m.get("assign", 1) > CUT_GAP
+                       for m in model._agile_state.engine.last.merge_margins)
             for b, r in enumerate(rows):
                 image = {"pixel_values": pix[b:b + 1]} if b < 2 else {}
                 single = model.generate(input_ids=r[None], attention_mask=torch.ones_like(r[None]),

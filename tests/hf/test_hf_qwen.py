@@ -550,3 +550,6 @@ def test_in_llm_methods(tiny, method, keep, params):
     assert torch.equal(same, stock) and model.agile_stats[0]["kept"] == 16
     with pytest.raises(ValueError, match="no M-RoPE"):
         llava_agile.enable(model, processor=processor, method="pdrop", keep=8, layers=(1,))
+    with pytest.raises(ValueError, match="no M-RoPE"):   # renumbers too
+        llava_agile.enable(model, processor=processor, method="sparsevlm", keep=8, layers=(0,),
+                           schedule=(8,))

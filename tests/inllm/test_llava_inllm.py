@@ -1,5 +1,5 @@
-"""FastV, PDrop and DART on LLaVA's own model (transformers 4.37.2), through LLaVA's unchanged
-generate: where the image sits, generation with the KV cache, batches, errors.
+"""FastV, PDrop, DART and SparseVLM on LLaVA's own model (transformers 4.37.2), through LLaVA's
+unchanged generate: where the image sits, generation with the KV cache, batches, errors.
 
 The tiny LLaVA runs in float64; every comparison of choices asserts its margins (greedy steps:
 top-2 logit gaps; selections: the engine's cut-off gaps).
@@ -18,7 +18,11 @@ from llava.mm_utils import process_images  # noqa: E402
 N, LAYERS = 576, 4
 CASES = [("fastv", 64, {}), ("fastv", 100, dict(layer=1)), ("dart", 68, {}),
          ("dart", 62, dict(layer=3, pivot_image=2, pivot_text=2)),
-         ("pdrop", 64, dict(layers=(1, 2, 3))), ("pdrop", 1, dict(layers=(2, 3), ratios=(0.3, 0.05)))]
+         ("pdrop", 64, dict(layers=(1, 2, 3))),
+         ("pdrop", 1, dict(layers=(2, 3), ratios=(0.3, 0.05))),
+         ("sparsevlm", 300, dict(layers=(0, 1, 2))),      # its "192" schedule, 300/200/110
+         ("sparsevlm", 100, dict(layers=(1, 2), schedule=(100, 20)))]   # 15, 3 merged
+BATCH = CASES[:6:2] + [CASES[5]] + CASES[6:]
 LOGIT_GAP = 1e-6    # float64 model; its RMSNorm rounds to float32 (differences ~1e-7)
 CUT_GAP = 1e-9      # selections: float32-softmax scores (ulp ~1e-10 at these sizes)
 
@@ -62,6 +66,13 @@ def engine(model):
     return model._agile_state.engine
 
 
+def clusters_decided(run):
+    """SparseVLM: the DPC-kNN density noise (torch.rand * 1e-6, whose draws differ between a
+    batch and its samples alone) cannot change a clustering (methods.dpc_knn's margins)."""
+    return all(m.get("centre", 1) > 0 and m.get("assign", 1) > CUT_GAP
+               for m in run.merge_margins)
+
+
 @pytest.mark.parametrize("method,keep,params", CASES)
 def test_layers_see_the_kept_tokens(tiny, method, keep, params):
     tokenizer, model, _ = tiny
@@ -76,7 +87,7 @@ def test_layers_see_the_kept_tokens(tiny, method, keep, params):
         eng = engine(model)
         image_at = int((ids[0] == -200).nonzero()[0])
         assert eng.last.images == [[range(image_at, image_at + N)]]
-        assert min(eng.last.margins) > CUT_GAP
+        assert min(eng.last.margins) > CUT_GAP and clusters_decided(eng.last)
     finally:
         llava_agile.disable(model)
         for h in hooks:
@@ -114,7 +125,7 @@ def test_cached_generation_equals_recomputing_with_the_prefill_choices(tiny, met
         llava_agile.disable(model)
 
 
-@pytest.mark.parametrize("method,keep,params", CASES[::2] + [CASES[-1]])
+@pytest.mark.parametrize("method,keep,params", BATCH)
 def test_batch_equals_single_samples(tiny, method, keep, params):
     """Left-padded batch: two prompts of different lengths with images, one text-only sample
     (not pruned; LLaVA still consumes an image slot for it): each row = that sample alone."""
@@ -132,6 +143,7 @@ def test_batch_equals_single_samples(tiny, method, keep, params):
         with float64_masks():
             tokens, scores = generate(model, ids, images, n=4, mask=mask)
             batch_stats = model.agile_stats
+            assert clusters_decided(engine(model).last)
             single = []
             for b, p in enumerate(prompts):
                 img = images[b:b + 1] if b < 2 else None
