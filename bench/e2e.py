@@ -466,13 +466,18 @@ def ttft_stage(model, images, ids, full, keeps, method, timer):
 
 def inllm_calls(budgets, full, layers):
     """{(method, budget): (method, keep, params)}: the in-LLM methods at each average budget
-    (README budgets table: FastV layer 2, PDrop layers 2/8/16, DART layer 2) and adaptive."""
+    (README budgets table: FastV layer 2, PDrop layers 2/8/16, DART layer 2) and adaptive;
+    SparseVLM at its own setting of that name (192 / 128 / 64: keep 300 / 303 / 66 after layers
+    2, 6, 15, whose averages exceed the name: the table reports them)."""
     from llava_agile.inllm import DEFAULTS, keep_for_average
+    from llava_agile.inllm.methods import SPARSEVLM_SCHEDULES
     plans = {"fastv": dict(layer=2), "pdrop": dict(layers=(2, 8, 16), ratios=None),
              "dart": dict(DEFAULTS["dart"])}
     out = {}
     for b in budgets:
         out[("adaptive", b)] = ("adaptive", b, {})
+        if b in SPARSEVLM_SCHEDULES and layers > max(DEFAULTS["sparsevlm"]["layers"]) + 1:
+            out[("sparsevlm", b)] = ("sparsevlm", SPARSEVLM_SCHEDULES[b][0], {})
         for m, p in plans.items():
             if max(p.get("layers", (p.get("layer", 0),))) >= layers:
                 continue
@@ -486,7 +491,7 @@ def inllm_calls(budgets, full, layers):
 
 def inllm_stage(model, images, ids, full, budgets, timer):
     """TTFT at equal average image tokens per decoder layer: no pruning, adaptive (before the
-    LLM) and FastV / PDrop / DART (inside it); their pruning step (median over the calls) as a
+    LLM) and FastV / PDrop / DART / SparseVLM (inside it); their pruning step (median over the calls) as a
     share of the TTFT and of one decoder layer."""
     from llava_agile import disable, enable
 

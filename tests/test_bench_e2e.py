@@ -251,6 +251,9 @@ def test_inllm_stage_at_equal_average_budgets(monkeypatch):
     assert calls[("fastv", 64)] == ("fastv", 29, {"layer": 2})
     assert calls[("pdrop", 64)] == ("pdrop", 110, {"layers": (2, 8, 16)})
     assert calls[("dart", 192)][1] == 164 and calls[("adaptive", 64)] == ("adaptive", 64, {})
+    assert calls[("sparsevlm", 192)] == ("sparsevlm", 300, {})  # its own "192" (avg 206.5)
+    assert calls[("sparsevlm", 64)] == ("sparsevlm", 66, {})
+    assert ("sparsevlm", 192) not in e2e.inllm_calls([192], 576, 16)  # layer 15 is the last
     llm = dict(e2e.SHAPES["tiny"]["llm"], num_hidden_layers=4)
     monkeypatch.setitem(e2e.SHAPES, "tiny", dict(e2e.SHAPES["tiny"], llm=llm))
     model = e2e.build_model("tiny", "cpu", torch.float32)
