@@ -39,16 +39,8 @@ def run_ours(method, keep, params, attn="sdpa"):
     x, embed = T.inputs()
     eng.begin([[range(T.PREFIX, T.PREFIX + T.IMAGE)]], torch.ones(1, T.LENGTH, dtype=torch.bool))
     with torch.no_grad():
-        out = model(inputs_embeds=x, use_cache=True, return_dict=False)
-        cache = [out[1]]
-
-        def step(e):
-            o = model(inputs_embeds=e, past_key_values=cache[0], use_cache=True,
-                      return_dict=False)
-            cache[0] = o[1]
-            return o[0][0, -1]
-        tokens, hidden = T.greedy(step, out[0][0, -1], embed)
-    return eng, out[0][0, -1], tokens, hidden
+        last, tokens, hidden = T.prefill_and_greedy(model, x, embed)
+    return eng, last, tokens, hidden
 
 
 def LlamaModel_(attn="sdpa"):

@@ -59,18 +59,10 @@ def run_ours(keep, attn="sdpa", params=None, seed=GOLDEN["seed"]):
     try:
         with torch.no_grad():
             torch.manual_seed(seed)
-            out = model(inputs_embeds=x, use_cache=True, return_dict=False)
-            cache = [out[1]]
-
-            def step(e):
-                o = model(inputs_embeds=e, past_key_values=cache[0], use_cache=True,
-                          return_dict=False)
-                cache[0] = o[1]
-                return o[0][0, -1]
-            tokens, hidden = T.greedy(step, out[0][0, -1], embed)
+            last, tokens, hidden = T.prefill_and_greedy(model, x, embed)
     finally:
         M.dpc_knn, M.merge_clusters = dpc, merge
-    return eng, out[0][0, -1], tokens, hidden, clusters, merged
+    return eng, last, tokens, hidden, clusters, merged
 
 
 def _block(seq, stages):

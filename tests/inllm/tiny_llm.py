@@ -95,3 +95,17 @@ def greedy(step, first_hidden: torch.Tensor, embed: torch.Tensor, n: int = 4):
         h = step(embed[tok][None, None])
         hidden.append(h)
     return tokens, hidden
+
+
+def prefill_and_greedy(model, x: torch.Tensor, embed: torch.Tensor):
+    """A HF `LlamaModel` on `inputs_embeds=x` with its KV cache, then `greedy` decoding with it.
+    Returns (the prefill's last hidden state, tokens, each step's hidden state)."""
+    out = model(inputs_embeds=x, use_cache=True, return_dict=False)
+    cache = [out[1]]
+
+    def step(e):
+        o = model(inputs_embeds=e, past_key_values=cache[0], use_cache=True, return_dict=False)
+        cache[0] = o[1]
+        return o[0][0, -1]
+    tokens, hidden = greedy(step, out[0][0, -1], embed)
+    return out[0][0, -1], tokens, hidden
