@@ -330,10 +330,10 @@ def dpc_knn(x: torch.Tensor, clusters: int, margins: dict | None = None) -> torc
                             dist, big).min(dim=-1).values
         low, high = maybe * clean, sure * (clean + eps)
         order = score.argsort(descending=True)
-        gap = [float(low[order[k]] - high[order[k + 1:]].max())
-               for k in range(min(clusters, N - 1))]
-        if gap and clusters > 1:   # one cluster takes every row, whichever is its centre
-            margins["centre"] = min(gap)
+        m = min(clusters, N - 1)
+        after = high[order].flip(0).cummax(0).values.flip(0)   # [j]: max of high from rank j on
+        if m > 0 and clusters > 1:   # one cluster takes every row, whichever is its centre
+            margins["centre"] = float((low[order[:m]] - after[1:m + 1]).min())
         if clusters > 1:
             other = torch.ones(N, dtype=torch.bool, device=x.device)
             other[centres] = False
