@@ -22,10 +22,14 @@ from llava_agile.inllm.engine import Engine
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "sparsevlm.json").read_text())
 LAYERS = 32
 KEEP = {192: 300, 128: 303, 64: 66}    # its budget name -> our keep (the first stage's count)
-CUT = 1e-9          # float64 attention probabilities (~1e-3): round-off ~1e-18
-TOL = {"sdpa": 1e-12,   # the official run's attention (SDPA stub): the same arithmetic
-       "eager": 1e-6}   # eager vs SDPA round-off, grown by LLaMA's float32 RMSNorm (as
-                        # test_official.HIDDEN_TOL)
+# LLaMA's RMSNorm rounds to float32 inside the float64 model, so the scores (~1e-3) move by up to
+# ~5e-10 between CPU kernels (ATEN_CPU_CAPABILITY=default vs AVX-512) and the hidden states by
+# ~5e-9: a selection must clear CUT (100x that) and values agree within these tolerances (the
+# recording machine's own kernels give the official run's arithmetic exactly, on SDPA).
+CUT = 5e-8
+SCORE_TOL = 1e-8
+TOL = {"sdpa": 1e-6,    # as test_official.HIDDEN_TOL
+       "eager": 1e-6}   # eager vs SDPA round-off on top
 
 
 def _model(attn="sdpa"):
@@ -179,7 +183,7 @@ def test_scores_equal_official_scores():
         model(inputs_embeds=x, use_cache=True)
     for scores, st in zip(got, gold["stages"]):
         torch.testing.assert_close(scores[0, 0], torch.tensor(st["scores"], dtype=torch.float64),
-                                   rtol=1e-12, atol=0)
+                                   rtol=0, atol=SCORE_TOL)
 
 
 def test_golden_names_the_commit_and_budgets():
