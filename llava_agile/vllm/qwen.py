@@ -158,8 +158,10 @@ class AgileQwenModel(AgileModel):
         grid = image_input["image_grid_thw"]
         sizes_thw = grid.tolist()
         visual, layer = self.visual, self.agile_layer()
+        meta = visual.prepare_encoder_metadata(sizes_thw)  # what the tower's forward would make
         with _ScoreRecorder(visual, layer, self.agile_merger_norm()) as rec:
-            embeds = visual(image_input["pixel_values"], grid_thw=sizes_thw)
+            embeds = visual(image_input["pixel_values"], grid_thw=sizes_thw,
+                            encoder_metadata=meta)
         if len(rec.rows) != 1 or len(rec.merger_inputs) != 1:
             raise RuntimeError(f"llava_agile: expected one call of vision block {layer}'s "
                                f"attention and of the merger, got {len(rec.rows)} and "
@@ -168,7 +170,7 @@ class AgileQwenModel(AgileModel):
         scores = qwenvl.merged_scores(rec.rows[0], unit)
         hidden = rec.merger_inputs[0]
         vision = hidden.reshape(-1, unit * hidden.shape[-1])
-        back = self.agile_raster(sizes_thw)
+        back = meta.get("reverse_indices")  # Qwen2.5-VL: its window order -> raster order
         if back is not None:
             back = back.to(embeds.device)
             scores, vision = scores[back], vision[back]
@@ -253,10 +255,6 @@ class AgileQwen2_5_VL(AgileQwenModel, Qwen2_5_VLForConditionalGeneration):
     def agile_merger_norm(self):
         return self.visual.merger.ln_q
 
-    def agile_raster(self, sizes_thw):
-        """Merged tokens: the ViT's window order -> raster order (vLLM's reverse_indices)."""
-        return self.visual.prepare_encoder_metadata(sizes_thw)["reverse_indices"]
-
 
 class AgileQwen3VLProcessingInfo(AgileQwenInfo, Qwen3VLProcessingInfo):
     pass
@@ -281,9 +279,6 @@ class AgileQwen3VL(AgileQwenModel, Qwen3VLForConditionalGeneration):
 
     def agile_merger_norm(self):
         return self.visual.merger.norm
-
-    def agile_raster(self, sizes_thw):
-        return None  # no windows: already in raster order
 
     def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions,
                                   num_computed_tokens):
