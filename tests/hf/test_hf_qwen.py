@@ -53,21 +53,24 @@ def tiny_tokenizer(words=WORDS):
                                                               "<|image_pad|>", "<|video_pad|>"])
 
 
-def tiny_processor():
-    from transformers import Qwen2_5_VLProcessor
+def tiny_processor(processor="Qwen2_5_VLProcessor", patch=14):
+    """`processor` (transformers' class name; shared with test_hf_qwen3) with the tiny tokenizer
+    and a PIL image processor for `patch`-px patches, merge 2, 1 to 64 merge groups per image."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import \
         Qwen2VLImageProcessorPil
     from transformers.processing_utils import ProcessorMixin
 
-    fast = tiny_tokenizer()
-    images = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=28 * 28 * 64)
+    unit = (2 * patch) ** 2
+    images = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2, min_pixels=unit,
+                                      max_pixels=unit * 64)
     orig = ProcessorMixin.check_argument_for_proper_class
 
-    def check(self, name, arg):  # no torchvision here, so no video processor (videos refused)
+    def check(self, name, arg):  # no video processor (videos are refused; it needs torchvision)
         return None if arg is None else orig(self, name, arg)
 
     with mock.patch.object(ProcessorMixin, "check_argument_for_proper_class", check):
-        return Qwen2_5_VLProcessor(image_processor=images, tokenizer=fast, video_processor=None)
+        return getattr(transformers, processor)(image_processor=images, tokenizer=tiny_tokenizer(),
+                                                video_processor=None)
 
 
 def tiny_model(seed=0):

@@ -7,15 +7,14 @@ kept rows of the full run's level, in order), the interleaved M-RoPE (kept token
 full-run positions), a different `get_rope_index` signature, and the refusals (in-LLM methods,
 videos)."""
 import re
-from unittest import mock
 
 import pytest
 import torch
 import transformers
 
 import llava_agile
-from test_hf_qwen import (IMAGE, PROMPT, VEND, VIDEO, VSTART, images, sharpen,  # noqa: E402
-                          tiny_tokenizer)
+import test_hf_qwen  # noqa: E402
+from test_hf_qwen import IMAGE, PROMPT, VEND, VIDEO, VSTART, images, sharpen  # noqa: E402
 
 V5 = int(re.match(r"(\d+)", transformers.__version__).group(1)) >= 5
 pytestmark = pytest.mark.skipif(not V5, reason="Qwen3-VL pruning supports transformers 5.x only")
@@ -24,21 +23,7 @@ LEVELS = 2
 
 
 def tiny_processor():
-    from transformers import Qwen3VLProcessor
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import \
-        Qwen2VLImageProcessorPil
-    from transformers.processing_utils import ProcessorMixin
-
-    pixels = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, min_pixels=32 * 32,
-                                      max_pixels=32 * 32 * 64)
-    orig = ProcessorMixin.check_argument_for_proper_class
-
-    def check(self, name, arg):  # no torchvision here, so no video processor (videos refused)
-        return None if arg is None else orig(self, name, arg)
-
-    with mock.patch.object(ProcessorMixin, "check_argument_for_proper_class", check):
-        return Qwen3VLProcessor(image_processor=pixels, tokenizer=tiny_tokenizer(),
-                                video_processor=None)
+    return test_hf_qwen.tiny_processor("Qwen3VLProcessor", patch=16)
 
 
 def tiny_model(seed=0):

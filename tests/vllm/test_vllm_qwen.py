@@ -6,6 +6,7 @@ blocks, Qwen3-VL with two deepstack levels; head_dim 32 in the LLM): per family,
 Per family, three offline engines, each once in its own process (tests/vllm/engine_run.py): the
 plugin disabled, K above every image's count (nothing pruned) and K = 6.
 """
+import functools
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,7 +16,8 @@ import torch
 from llava_agile.vllm.tiny import build_tiny_qwen
 
 # tests/vllm is on sys.path
-from vllm_helpers import check_greedy, check_second_round_cached, ok, run_engine  # noqa: E402
+from vllm_helpers import (check_greedy, check_second_round_cached, hf_reference, ok,  # noqa: E402
+                          run_engine)
 import decided  # noqa: E402  (tests/, put on sys.path by vllm_helpers)
 
 K, ALL = 6, 100_000
@@ -74,51 +76,16 @@ def pruned(tiny):
                            f"<|video_pad|> <|vision_end|> the video"))
 
 
-def reference(family, model_dir, images, prompt, keep):
-    """transformers' Qwen2.5-VL / Qwen3-VL with `llava_agile.enable` in float64 on the same
-    checkpoint:
-    its selections (features, scores), kept indices, prefill positions `[3, L]`, 8 greedy
-    tokens and their logits."""
-    import warnings
-    from unittest import mock
-
+@pytest.fixture(scope="module")
+def reference(tiny):
+    """transformers' Qwen2.5-VL / Qwen3-VL with `llava_agile.enable` (K) in float64 on the same
+    checkpoint, for one image with P1 (vllm_helpers.hf_reference; each image's run once)."""
     import transformers
-    from PIL import Image
-    from transformers import AutoProcessor
 
-    import llava_agile
-    import llava_agile.selection as selection
-
+    _, model_dir, images, family = tiny
     model_cls = getattr(transformers, CLASSES[family][0])
-    model = model_cls.from_pretrained(model_dir, dtype=torch.float64,
-                                      attn_implementation="sdpa").eval()
-    processor = AutoProcessor.from_pretrained(model_dir)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # transformers 5.19 is outside the adapter's tested 5.24
-        llava_agile.enable(model, processor=processor, **dict(AGILE, keep=keep))
-    inputs = processor(images=[Image.open(p).convert("RGB") for p in images], text=prompt,
-                       return_tensors="pt")
-    seen, positions, prune = [], [], selection.prune
-
-    def spy(space, attn, keep, *args, **kwargs):
-        seen.append((space[0], attn[0]))
-        return prune(space, attn, keep, *args, **kwargs)
-
-    def first(module, args, kwargs):
-        if not positions:
-            positions.append(kwargs["position_ids"][-3:, 0])
-
-    hook = model.model.language_model.register_forward_pre_hook(first, with_kwargs=True)
-    try:
-        with torch.no_grad(), mock.patch.object(selection, "prune", spy):
-            gen = model.generate(**inputs, max_new_tokens=8, do_sample=False, output_scores=True,
-                                 return_dict_in_generate=True)
-    finally:
-        hook.remove()
-    return SimpleNamespace(inputs=inputs, selection=seen, stats=model.agile_stats,
-                           positions=positions[0].tolist(),
-                           tokens=gen.sequences[0, inputs["input_ids"].shape[1]:].tolist(),
-                           scores=torch.stack([s[0] for s in gen.scores]))
+    return functools.lru_cache(lambda i: hf_reference(model_cls, model_dir, images[i], P1,
+                                                      **dict(AGILE, keep=K)))
 
 
 def _lengths(res):
@@ -156,26 +123,27 @@ def test_nothing_pruned_gives_the_stock_tokens(tiny, disabled, everything):
 
 
 @pytest.mark.parametrize("request_index", [0, 1])
-def test_kept_tokens_positions_and_greedy_tokens_equal_transformers(tiny, pruned, request_index):
+def test_kept_tokens_positions_and_greedy_tokens_equal_transformers(pruned, reference,
+                                                                    request_index):
     """The transformers adapter in float64 on the same weights: the same kept tokens (where its
     selection margins are far above float32 round-off; vLLM's selection inputs within round-off
     of its), the same M-RoPE positions of the prefill (kept tokens at their full-grid positions,
     text after an image from the full grid's extent), and vLLM's greedy tokens where its logit
     gaps decide them. Request 0: the first prompt (a square image); request 1: the third
     round's tall image, batched with a two-image prompt."""
-    _, model_dir, images, family = tiny
     rnd = pruned["rounds"][2 * request_index]
     got = rnd["requests"][0]
-    ref = reference(family, model_dir, [images[2 * request_index]], P1, K)
+    ref = reference(2 * request_index)
     assert ref.inputs["input_ids"][0].tolist() == got["prompt_token_ids"]
     if request_index == 0:  # the recorded selection is the first round's
         (sel,) = pruned["selection"]
-        kept = decided.adaptive(ref.selection[0], [torch.tensor(sel[n], dtype=torch.float64)[0]
-                                                   for n in ("space", "attn")], K)
+        kept = decided.adaptive(ref.selection, [torch.tensor(sel[n], dtype=torch.float64)[0]
+                                                for n in ("space", "attn")], K)
         assert sel["indices"][0] == kept
         assert rnd["model"]["stats"][0]["indices"] == ref.stats[0]["indices"] == sorted(kept)
     # the round's prefill starts with this request's tokens
-    assert [p[:len(got["prompt_token_ids"])] for p in rnd["positions"]] == ref.positions
+    assert [p[:len(got["prompt_token_ids"])] for p in rnd["positions"]] == \
+        ref.positions[-3:, 0].tolist()
     check_greedy(ref.scores, ref.tokens, got)
 
 
@@ -197,13 +165,12 @@ def test_positions_of_a_tall_image_continue_from_its_height():
     assert delta == 11 - 9
 
 
-def test_repeated_request_hits_prefix_and_encoder_caches(tiny, pruned):
+def test_repeated_request_hits_prefix_and_encoder_caches(pruned, reference):
     """The first request again: its first block (32 tokens, ending inside the image's kept run)
     comes from the prefix cache, the rest of the image from the encoder cache (no tower run),
     and the recompute of positions starts in the middle of the image: the same greedy tokens
     as the float64 reference (check_second_round_cached)."""
-    _, model_dir, images, family = tiny
-    check_second_round_cached(pruned, reference(family, model_dir, images[:1], P1, K))
+    check_second_round_cached(pruned, reference(0))
 
 
 def test_video_refused(pruned):

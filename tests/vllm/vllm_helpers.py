@@ -60,8 +60,9 @@ def hf_reference(model_cls, model_dir, image, prompt, **agile):
     """The float64 reference for a vLLM run of one request: transformers' `model_cls` on the
     checkpoint in float64 (SDPA tower: the eager CLIP attention of transformers 5.x takes its
     softmax in float32) with `llava_agile.enable(**agile)` and greedy `generate` (8 tokens).
-    Returns the model, processor and inputs, `selection` (the features and attention its one
-    selection got), `stats`, the new `tokens` and their `scores` (`[8, V]` logits); its LLM's
+    Returns the model, processor and inputs, `selection` (the
+    features and attention its one selection got), `stats`, `positions` (the `position_ids` its
+    LLM got in the prefill), the new `tokens` and their `scores` (`[8, V]` logits); its LLM's
     RMSNorm still rounds to float32 in transformers, so the logits are accurate to ~1e-6, far
     inside check_greedy's margin."""
     import warnings
@@ -76,25 +77,33 @@ def hf_reference(model_cls, model_dir, image, prompt, **agile):
 
     model = model_cls.from_pretrained(model_dir, dtype=torch.float64,
                                       attn_implementation="sdpa").eval()
-    assert model.model.vision_tower.config._attn_implementation == "sdpa"
+    assert model.config.vision_config._attn_implementation == "sdpa"
     processor = AutoProcessor.from_pretrained(model_dir)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers 5.19 is outside the adapter's tested pair
         llava_agile.enable(model, processor=processor, **agile)
     inputs = processor(images=[Image.open(image).convert("RGB")], text=prompt,
                        return_tensors="pt")
-    seen, prune = [], selection.prune
+    seen, positions, prune = [], [], selection.prune
 
     def spy(space, attn, keep, *args, **kwargs):
         seen.append((space[0], attn[0]))
         return prune(space, attn, keep, *args, **kwargs)
 
-    with torch.no_grad(), mock.patch.object(selection, "prune", spy):
-        gen = model.generate(**inputs, max_new_tokens=8, do_sample=False, output_scores=True,
-                             return_dict_in_generate=True)
+    def first(module, args, kwargs):
+        if not positions:
+            positions.append(kwargs.get("position_ids"))
+
+    hook = model.model.language_model.register_forward_pre_hook(first, with_kwargs=True)
+    try:
+        with torch.no_grad(), mock.patch.object(selection, "prune", spy):
+            gen = model.generate(**inputs, max_new_tokens=8, do_sample=False, output_scores=True,
+                                 return_dict_in_generate=True)
+    finally:
+        hook.remove()
     assert len(seen) == 1 and seen[0][0].dtype == seen[0][1].dtype == torch.float64
     return SimpleNamespace(model=model, processor=processor, inputs=inputs, selection=seen[0],
-                           stats=model.agile_stats,
+                           stats=model.agile_stats, positions=positions[0],
                            tokens=gen.sequences[0, inputs["input_ids"].shape[1]:].tolist(),
                            scores=torch.stack([s[0] for s in gen.scores]))
 
